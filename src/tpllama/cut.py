@@ -1,0 +1,232 @@
+"""Cutting a checkpoint into N tensor-parallel parts, and reading a part back.
+
+Layout written by ``cut``::
+
+    DIR/manifest.json                 world size, dtype, quantization, what each rank holds,
+                                      sha256 of every file, source, tool version
+    DIR/part_model/<rank>/model.safetensors   this rank's stored tensors (HF names)
+    DIR/part_model/<rank>/config.json          the whole model's HF config
+    DIR/part_model/<rank>/part.json            rank, world size, share
+    DIR/part_model/<rank>/tokenizer files      when the source has a tokenizer
+
+The source is read once, tensor by tensor; every rank's slice of a tensor is appended to that
+rank's data file at once, so peak memory stays near one (dequantized) tensor. Everything is
+written under ``DIR.tmp-*`` and renamed to DIR at the end: an interrupted cut leaves nothing that
+loads, and running the cut again starts over cleanly.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
+from .config import ModelArgs
+from .default_model import sha256_file
+from .loading import stored_tensors
+from .shard import RankShare, plan, slice_for_rank
+from .tokenizer import copy_tokenizer_files
+
+MANIFEST = "manifest.json"
+FORMAT = "tpllama-parts/1"
+
+_ST_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.int32: "I32",
+    torch.int64: "I64",
+}
+
+
+class SafetensorsStreamWriter:
+    """Writes a safetensors file one tensor at a time: data goes to a side file as it comes,
+    the header is written at ``close`` and the data copied behind it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._data_path = path.with_name(path.name + ".data")
+        self._data = open(self._data_path, "wb")
+        self._header: dict[str, dict] = {}
+        self._offset = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        t = tensor.detach().contiguous().cpu()
+        if t.dtype not in _ST_DTYPES:
+            raise TypeError(f"cannot store dtype {t.dtype} in safetensors")
+        raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+        self._data.write(memoryview(raw))
+        size = t.numel() * t.element_size()
+        self._header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [self._offset, self._offset + size]}
+        self._offset += size
+
+    def close(self, metadata: dict[str, str] | None = None) -> None:
+        self._data.close()
+        header = dict(self._header)
+        if metadata:
+            header["__metadata__"] = metadata
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        with open(self.path, "wb") as out, open(self._data_path, "rb") as data:
+            out.write(len(blob).to_bytes(8, "little"))
+            out.write(blob)
+            shutil.copyfileobj(data, out, 1 << 22)
+        self._data_path.unlink()
+
+
+def cut(
+    source: str | Path | Checkpoint,
+    output: str | Path,
+    world_size: int,
+    dtype: torch.dtype = torch.float32,
+    quant: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Cut ``source`` into ``world_size`` parts under ``output``; returns ``output``."""
+    ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(source)
+    args = ckpt.args
+    shares = plan(args, world_size)  # refuses an impossible world size before any work
+    ckpt.validate()
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
+    try:
+        parts = [tmp / "part_model" / str(r) for r in range(world_size)]
+        writers = []
+        for p in parts:
+            p.mkdir(parents=True)
+            writers.append(SafetensorsStreamWriter(p / "model.safetensors"))
+        tensors = stored_tensors(ckpt, dtype, quant)
+        bar = _progress(len(_expected_count(ckpt, quant)), f"cutting into {world_size}", progress)
+        last_module = None
+        for name, t, in_features in tensors:
+            for share, w in zip(shares, writers):
+                w.write(name, slice_for_rank(name, t, share, args, in_features))
+            module = name.rsplit(".", 1)[0]
+            if module != last_module:
+                bar.update(1)
+                last_module = module
+            del t
+        bar.close()
+        tok_src = _tokenizer_source(ckpt)
+        meta = {"format": FORMAT, "world_size": str(world_size)}
+        ranks = []
+        for share, w, p in zip(shares, writers, parts):
+            w.close(dict(meta, rank=str(share.rank)))
+            (p / "config.json").write_text(json.dumps(args.to_hf_config(), indent=2))
+            (p / "part.json").write_text(json.dumps({"rank": share.rank, "world_size": world_size, "share": share.to_json()}))
+            if tok_src is not None:
+                copy_tokenizer_files(tok_src, p)
+            files = {f.name: sha256_file(f) for f in sorted(p.iterdir()) if f.is_file()}
+            ranks.append({"share": share.to_json(), "files": files})
+        manifest = {
+            "format": FORMAT,
+            "tool_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "world_size": world_size,
+            "dtype": str(dtype).removeprefix("torch."),
+            "quant": quant or "none",
+            "source": {"path": str(ckpt.path), "kind": ckpt.kind},
+            "split": {
+                "heads": "whole KV groups, balanced",
+                "q,k,v,gate,up": "output features (dim 0)",
+                "o,down": "input features (dim 1)",
+                "lm_head": "vocabulary rows (dim 0); logits gathered",
+                "embedding, norms": "replicated",
+            },
+            "config": args.to_hf_config(),
+            "ranks": ranks,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+def _expected_count(ckpt: Checkpoint, quant: str | None) -> list[str]:
+    from .checkpoint import EMBED, LM_HEAD, expected_shapes
+
+    names = list(expected_shapes(ckpt.args))
+    if quant and ckpt.args.tie_word_embeddings and LM_HEAD not in names:
+        names.append(LM_HEAD)
+    return names
+
+
+def _tokenizer_source(ckpt: Checkpoint) -> Path | None:
+    from .default_model import cache_dir
+    from .tokenizer import gguf_tokenizer_dir, has_tokenizer_files
+
+    if ckpt.kind == "gguf":
+        return gguf_tokenizer_dir(ckpt.path, cache_dir())
+    return ckpt.path if has_tokenizer_files(ckpt.path) else None
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, leave=False)
+
+
+# ---------------------------------------------------------------------- reading parts back
+def is_cut_dir(path: Path) -> bool:
+    return path.is_dir() and (path / MANIFEST).is_file()
+
+
+def read_manifest(directory: Path) -> dict:
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{directory / MANIFEST} cannot be read: {err}") from None
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{directory} was not written by this tpllama (format {manifest.get('format')!r}, expected {FORMAT!r})")
+    return manifest
+
+
+def check_world_size(directory: Path, manifest: dict, world_size: int) -> None:
+    if manifest["world_size"] != world_size:
+        raise CheckpointError(
+            f"{directory} was cut for world size {manifest['world_size']}, but world size {world_size} was asked for; "
+            f"cut it again with --world-size {world_size}, or run with --world-size {manifest['world_size']}"
+        )
+
+
+def load_part(directory: Path, rank: int, world_size: int, verify: bool = True):
+    """(ModelArgs, RankShare, stored tensors, quant) of one rank, checked against the manifest."""
+    from safetensors import safe_open
+
+    manifest = read_manifest(directory)
+    check_world_size(directory, manifest, world_size)
+    entry = manifest["ranks"][rank]
+    part = directory / "part_model" / str(rank)
+    if verify:
+        for name, digest in entry["files"].items():
+            f = part / name
+            if not f.is_file():
+                raise CheckpointError(f"{f} is missing (listed in {directory / MANIFEST})")
+            got = sha256_file(f)
+            if got != digest:
+                raise CheckpointError(f"{f} is corrupt: sha256 {got} does not match the manifest's {digest}")
+    args = ModelArgs.from_hf_config(manifest["config"])
+    share = RankShare(**{k: tuple(v) if isinstance(v, list) else v for k, v in entry["share"].items()})
+    tensors = {}
+    try:
+        with safe_open(str(part / "model.safetensors"), framework="pt") as fh:
+            for name in fh.keys():
+                tensors[name] = fh.get_tensor(name)
+    except Exception as err:
+        raise CheckpointError(f"{part / 'model.safetensors'} cannot be read: {err}") from None
+    quant = manifest.get("quant", "none")
+    return args, share, tensors, (None if quant == "none" else quant)

@@ -1,0 +1,178 @@
+"""Ranks: start-up (our own launcher or torchrun), process groups, collectives, failure handling.
+
+Two process groups: *control* (always gloo, CPU tensors; rank 0 broadcasts commands on it and
+idle workers wait on it with a long timeout) and *compute* (gloo on CPU, nccl on CUDA; the
+per-layer all-reduces, with a bounded timeout so a stuck rank cannot hang the others).
+
+When we launch the ranks ourselves, the calling process is rank 0 and ranks 1..N-1 are child
+processes running ``python -m tpllama.worker``; they die with their parent (PR_SET_PDEATHSIG),
+and a watchdog thread in rank 0 kills every worker as soon as one of them exits abnormally, so a
+collective blocked on the dead rank fails at once instead of waiting for the timeout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT_S = 60.0
+IDLE_TIMEOUT = datetime.timedelta(days=7)
+
+
+# torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+class RankFailure(RuntimeError):
+    """Another rank died, hung past the timeout, or a collective failed."""
+
+
+@dataclasses.dataclass
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    control: object  # ProcessGroup (gloo)
+    compute: object  # ProcessGroup (gloo or nccl)
+    timeout_s: float
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(x, group=self.compute)
+        return x
+
+    def gather_vocab(self, parts: list[int]):
+        """A callable concatenating each rank's logits slice [..., V_r] into [..., sum V_r]."""
+        widest = max(parts)
+
+        def gather(local: torch.Tensor) -> torch.Tensor:
+            pad = widest - local.shape[-1]
+            if pad:
+                local = torch.nn.functional.pad(local, (0, pad))
+            local = local.contiguous()
+            out = torch.empty((self.world_size * local.shape[0], *local.shape[1:]), dtype=local.dtype, device=local.device)
+            _all_gather_single(out, local, group=self.compute)
+            out = out.view(self.world_size, *local.shape)
+            return torch.cat([out[r, ..., : parts[r]] for r in range(self.world_size)], dim=-1)
+
+        return gather
+
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        dist.broadcast(x, src=src, group=self.control)
+        return x
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # a broken group cannot always be torn down cleanly
+                pass
+
+
+def pick_device(device: str | None, local_rank: int) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    d = torch.device(device)
+    if d.type == "cuda" and d.index is None:
+        d = torch.device("cuda", local_rank)
+    return d
+
+
+def init_ranks(rank: int, world_size: int, device: str | None, timeout_s: float) -> DistContext:
+    """Join the process group described by MASTER_ADDR/MASTER_PORT (set by us or torchrun)."""
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    dev = pick_device(device, local_rank)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    init_kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+    dist.init_process_group(
+        backend=backend, rank=rank, world_size=world_size, timeout=timeout, **init_kwargs
+    )
+    compute = dist.group.WORLD
+    control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+    return DistContext(rank, world_size, local_rank, dev, control, compute, timeout_s)
+
+
+def launched_by_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def set_parent_death_signal() -> None:
+    """Linux: get SIGKILL when the parent process dies, so no worker outlives its launcher."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+class Workers:
+    """Ranks 1..N-1 as child processes of this (rank 0) process, and their watchdog."""
+
+    def __init__(self, world_size: int, worker_args: list[str], threads: int | None):
+        self.world_size = world_size
+        self.port = free_port()
+        self.failure: str | None = None
+        self._closing = False
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(self.port), WORLD_SIZE=str(world_size))
+        env.pop("TORCHELASTIC_RUN_ID", None)
+        self.procs: list[subprocess.Popen] = []
+        for rank in range(1, world_size):
+            wenv = dict(env, RANK=str(rank), LOCAL_RANK=str(rank))
+            if threads:
+                wenv["OMP_NUM_THREADS"] = str(threads)
+            self.procs.append(
+                subprocess.Popen([sys.executable, "-m", "tpllama.worker", *worker_args], env=wenv, start_new_session=False)
+            )
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(self.port))
+        self._watch = threading.Thread(target=self._watchdog, name="tpllama-watchdog", daemon=True)
+        self._watch.start()
+
+    def _watchdog(self) -> None:
+        while not self._closing:
+            for rank, p in enumerate(self.procs, start=1):
+                code = p.poll()
+                if code is not None and not self._closing:  # workers exit only when told to
+                    self.failure = f"rank {rank} exited with code {code}"
+                    self.kill()
+                    return
+            time.sleep(0.2)
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def close(self, grace_s: float = 10.0) -> None:
+        """Wait for workers that were told to stop; kill any still running."""
+        self._closing = True
+        deadline = time.monotonic() + grace_s
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()

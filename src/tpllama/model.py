@@ -1,0 +1,238 @@
+"""The LLaMA transformer in plain PyTorch, for one rank's share of the weights.
+
+Nothing here knows about processes or torch.distributed: a tensor-parallel rank is just a model
+built with smaller ``LocalSizes`` and given a ``reduce`` callable (sum over ranks, called after
+the attention output projection and after the MLP down projection) and a ``gather_vocab``
+callable (concatenate each rank's slice of the vocabulary logits). On one rank both are identity.
+
+Shapes: B = rows in the batch, T = new tokens per row, L = keys attended, D = head_dim,
+H / Hkv = this rank's query / key-value heads, V_local = this rank's vocabulary rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelArgs, rope_inv_freq
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalSizes:
+    """What one rank holds: its query heads, KV heads, FFN width and vocabulary rows."""
+
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int
+    vocab_rows: int
+
+    @classmethod
+    def whole(cls, args: ModelArgs) -> "LocalSizes":
+        return cls(args.n_heads, args.n_kv_heads, args.ffn_dim, args.vocab_size)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., dim] -> [..., dim]; normalised in float32 like transformers."""
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Static key/value buffers: ``[slots, Hkv, max_len, D]`` per layer, zero-initialised.
+
+    Each slot holds one sequence; its token at position p sits in column p.
+    """
+
+    def __init__(self, n_layers: int, slots: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (n_layers, slots, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, local: LocalSizes, device=None, dtype=None):
+        super().__init__()
+        self.n_heads = local.n_heads
+        self.n_kv_heads = local.n_kv_heads
+        self.head_dim = args.head_dim
+        qkv_out = (local.n_heads + 2 * local.n_kv_heads) * args.head_dim
+        self.wqkv = nn.Linear(args.dim, qkv_out, bias=False, device=device, dtype=dtype)
+        self.wo = nn.Linear(local.n_heads * args.head_dim, args.dim, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x, cos, sin, cache_k, cache_v, rows, positions, mask):
+        """x [B, T, dim]; cos/sin [B, T, D]; cache_k/v [slots, Hkv, max_len, D];
+        rows: slice or index tensor selecting the B cache slots; positions [B, T];
+        mask: bool [B, 1, T, L] or None (None = causal over one contiguous row).
+        Returns [B, T, dim] (this rank's partial sum before ``reduce``)."""
+        B, T, _ = x.shape
+        D = self.head_dim
+        qkv = self.wqkv(x)
+        q, k, v = qkv.split([self.n_heads * D, self.n_kv_heads * D, self.n_kv_heads * D], dim=-1)
+        q = q.view(B, T, self.n_heads, D).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, D).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, D).transpose(1, 2)
+        cos = cos.unsqueeze(1)
+        sin = sin.unsqueeze(1)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+
+        length = mask.shape[-1] if mask is not None else int(positions[0, -1]) + 1
+        if isinstance(rows, slice):
+            keys, values = cache_k[rows], cache_v[rows]
+            if T == 1 and B == 1:
+                keys[:, :, length - 1 : length] = k
+                values[:, :, length - 1 : length] = v
+            else:
+                row_index = torch.arange(B, device=x.device)[:, None]
+                keys[row_index, :, positions] = k.transpose(1, 2)
+                values[row_index, :, positions] = v.transpose(1, 2)
+            keys, values = keys[:, :, :length], values[:, :, :length]
+        else:
+            cache_k[rows[:, None], :, positions] = k.transpose(1, 2)
+            cache_v[rows[:, None], :, positions] = v.transpose(1, 2)
+            keys, values = cache_k[rows, :, :length], cache_v[rows, :, :length]
+
+        if mask is None and T > 1:
+            out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=True)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * D))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs, local: LocalSizes, device=None, dtype=None):
+        super().__init__()
+        self.ffn_dim = local.ffn_dim
+        self.w_gate_up = nn.Linear(args.dim, 2 * local.ffn_dim, bias=False, device=device, dtype=dtype)
+        self.w_down = nn.Linear(local.ffn_dim, args.dim, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, dim] -> [B, T, dim] (partial sum before ``reduce``)."""
+        gate, up = self.w_gate_up(x).split(self.ffn_dim, dim=-1)
+        return self.w_down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, local: LocalSizes, device=None, dtype=None):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps, device, dtype)
+        self.attention = Attention(args, local, device, dtype)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps, device, dtype)
+        self.feed_forward = FeedForward(args, local, device, dtype)
+
+
+class Transformer(nn.Module):
+    """One rank's LLaMA. ``forward`` runs B rows of T new tokens against the KV cache."""
+
+    def __init__(
+        self,
+        args: ModelArgs,
+        local: LocalSizes | None = None,
+        reduce: Reduce = identity,
+        gather_vocab: Reduce = identity,
+        device=None,
+        dtype=torch.float32,
+    ):
+        super().__init__()
+        self.args = args
+        self.local = local or LocalSizes.whole(args)
+        self.reduce = reduce
+        self.gather_vocab = gather_vocab
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(Block(args, self.local, device, dtype) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps, device, dtype)
+        self.output = nn.Linear(args.dim, self.local.vocab_rows, bias=False, device=device, dtype=dtype)
+        self.cache: KVCache | None = None
+        self.rope_cos: torch.Tensor | None = None
+        self.rope_sin: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ set-up
+    def setup_rope(self, device) -> None:
+        """Precompute cos/sin ``[max_seq_len, D]`` in float32 as transformers does."""
+        inv = rope_inv_freq(self.args).to(device)
+        pos = torch.arange(self.args.max_seq_len, device=device, dtype=torch.float32)
+        freqs = pos[:, None] * inv[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.rope_cos, self.rope_sin = emb.cos(), emb.sin()
+
+    def ensure_cache(self, slots: int, max_len: int) -> KVCache:
+        """(Re)allocate the KV cache when it has fewer slots or columns than asked for."""
+        c = self.cache
+        if c is None or c.slots < slots or c.max_len < max_len:
+            param = self.norm.weight
+            self.cache = None  # free the old buffers before allocating the new ones
+            self.cache = KVCache(
+                self.args.n_layers, slots, self.local.n_kv_heads, max_len, self.args.head_dim, param.dtype, param.device
+            )
+        return self.cache
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        rows: slice | torch.Tensor | None = None,
+        last_only: bool = True,
+    ) -> torch.Tensor:
+        """tokens, positions int64 [B, T]; rows: which cache slots (default slots 0..B-1).
+
+        Within a row, positions must be consecutive; a query at position p sees the row's
+        keys at positions <= p. Returns float32 logits [B, 1, vocab] when ``last_only`` (the
+        last token of each row), else [B, T, vocab].
+        """
+        B, T = tokens.shape
+        cache = self.cache
+        if cache is None or self.rope_cos is None:
+            raise RuntimeError("call setup_rope() and ensure_cache() before forward()")
+        if rows is None:
+            rows = slice(0, B)
+        length = int(positions.max()) + 1
+        mask = None
+        if not (B == 1 and int(positions[0, 0]) == 0) and not (B == 1 and T == 1):
+            key_pos = torch.arange(length, device=tokens.device)
+            mask = (key_pos[None, None, :] <= positions[:, :, None]).unsqueeze(1)
+        cos = self.rope_cos[positions]
+        sin = self.rope_sin[positions]
+        if cos.dtype != self.norm.weight.dtype:
+            cos, sin = cos.to(self.norm.weight.dtype), sin.to(self.norm.weight.dtype)
+
+        h = self.tok_embeddings(tokens)
+        for i, layer in enumerate(self.layers):
+            a = layer.attention(layer.attention_norm(h), cos, sin, cache.k[i], cache.v[i], rows, positions, mask)
+            h = h + self.reduce(a)
+            h = h + self.reduce(layer.feed_forward(layer.ffn_norm(h)))
+        if last_only:
+            h = h[:, -1:, :]
+        logits = self.output(self.norm(h))
+        return self.gather_vocab(logits).float()

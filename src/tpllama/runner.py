@@ -1,0 +1,85 @@
+"""Driving the model on every rank: rank 0 broadcasts each step, the other ranks follow.
+
+``Runner.forward`` is what the decoder calls. On one rank it is the model itself; on N ranks,
+rank 0 first broadcasts a fixed-size header and the step's tokens/positions on the control
+group, then every rank runs the same forward (their all-reduces meet inside it).
+``follow`` is the loop of ranks 1..N-1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .model import Transformer
+
+CMD_FORWARD, CMD_CACHE, CMD_STOP = 1, 2, 3
+HEADER = 6  # cmd, B, T, rows kind (0 slice / 1 index), rows start, cache columns
+
+
+class Runner:
+    """Runs the model for rank 0 (and, through ``ctx``, for the other ranks)."""
+
+    def __init__(self, model: Transformer, ctx=None):
+        self.model = model
+        self.ctx = ctx
+        self.device = model.norm.weight.device
+
+    @property
+    def distributed(self) -> bool:
+        return self.ctx is not None and self.ctx.world_size > 1
+
+    def _send(self, cmd: int, b: int = 0, t: int = 0, kind: int = 0, start: int = 0, cols: int = 0, payload=None):
+        header = torch.tensor([cmd, b, t, kind, start, cols], dtype=torch.int64)
+        self.ctx.broadcast(header)
+        if payload is not None:
+            self.ctx.broadcast(payload)
+
+    def ensure_cache(self, slots: int, max_len: int) -> None:
+        if self.distributed:
+            self._send(CMD_CACHE, b=slots, cols=max_len)
+        self.model.ensure_cache(slots, max_len)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, rows) -> torch.Tensor:
+        """tokens, positions int64 [B, T] (CPU); rows: slice or int64 [B]. -> logits [B, 1, V] (CPU)."""
+        B, T = tokens.shape
+        if self.distributed:
+            if isinstance(rows, slice):
+                payload = torch.cat([tokens.reshape(-1), positions.reshape(-1)])
+                self._send(CMD_FORWARD, B, T, 0, rows.start, payload=payload)
+            else:
+                payload = torch.cat([tokens.reshape(-1), positions.reshape(-1), rows])
+                self._send(CMD_FORWARD, B, T, 1, 0, payload=payload)
+        dev = self.device
+        if not isinstance(rows, slice):
+            rows = rows.to(dev)
+        logits = self.model(tokens.to(dev), positions.to(dev), rows)
+        return logits.cpu()
+
+    def stop(self) -> None:
+        if self.distributed:
+            self._send(CMD_STOP)
+
+
+@torch.inference_mode()
+def follow(model: Transformer, ctx) -> None:
+    """Ranks 1..N-1: execute rank 0's commands until told to stop."""
+    dev = model.norm.weight.device
+    header = torch.empty(HEADER, dtype=torch.int64)
+    while True:
+        ctx.broadcast(header)
+        cmd, b, t, kind, start, cols = header.tolist()
+        if cmd == CMD_STOP:
+            return
+        if cmd == CMD_CACHE:
+            model.ensure_cache(b, cols)
+            continue
+        if cmd != CMD_FORWARD:
+            raise RuntimeError(f"unknown command {cmd} from rank 0")
+        n = b * t
+        payload = torch.empty(2 * n + (b if kind == 1 else 0), dtype=torch.int64)
+        ctx.broadcast(payload)
+        tokens = payload[:n].view(b, t).to(dev)
+        positions = payload[n : 2 * n].view(b, t).to(dev)
+        rows = slice(start, start + b) if kind == 0 else payload[2 * n :].to(dev)
+        model(tokens, positions, rows)
