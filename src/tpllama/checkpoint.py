@@ -266,11 +266,14 @@ def unpermute_rows(w, n_heads: int):
 
 
 def read_gguf_fields(reader) -> dict:
-    """Decoded scalar and array metadata of a GGUF file (tokenizer arrays left out)."""
+    """Decoded metadata of a GGUF file: every scalar, and the length of each array
+    (tokenizer arrays are large and only needed by the tokenizer converter)."""
+    from gguf import GGUFValueType
+
     fields = {}
     for key, field in reader.fields.items():
-        if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
-            fields[key] = field  # kept raw: only their length is needed here
+        if field.types and field.types[0] == GGUFValueType.ARRAY:
+            fields[key] = len(field.data)
             continue
         try:
             fields[key] = field.contents()
@@ -291,8 +294,6 @@ class GGUFCheckpoint(Checkpoint):
         except Exception as err:
             raise CheckpointError(f"{path} is not a readable GGUF file (corrupt or truncated?): {err}") from None
         fields = read_gguf_fields(self.reader)
-        if "tokenizer.ggml.tokens" in fields:
-            fields["tokenizer.ggml.tokens"] = list(range(len(fields["tokenizer.ggml.tokens"].data)))
         self._tensors = {}
         for t in self.reader.tensors:
             hf = gguf_to_hf_name(t.name)

@@ -183,7 +183,7 @@ class ModelArgs:
         head_dim = int(fields.get("llama.attention.key_length", fields.get("llama.rope.dimension_count", dim // n_heads)))
         vocab = fields.get("llama.vocab_size")
         if vocab is None:
-            vocab = len(need("tokenizer.ggml.tokens"))
+            vocab = need("tokenizer.ggml.tokens")  # the length of the token array
         scaling = RopeScaling()
         stype = fields.get("llama.rope.scaling.type")
         if stype in ("linear", "yarn"):

@@ -16,7 +16,7 @@ from typing import Iterator, Sequence as Seq
 import torch
 
 from . import cut as cutmod
-from .checkpoint import Checkpoint, open_checkpoint
+from .checkpoint import Checkpoint, open_checkpoint  # noqa: F401
 from .config import ModelArgs
 from .default_model import cache_dir, default_model_path
 from .dist import DEFAULT_TIMEOUT_S, DistContext, RankFailure, Workers, init_ranks, launched_by_torchrun, pick_device
@@ -207,6 +207,18 @@ class Engine:
             self.workers.kill()
         raise RankFailure(self._broken) from err
 
+    def iterate(self, prompts: Seq[Seq[int]], max_new_tokens: int = 32, **sampling) -> Iterator[tuple[int, int]]:
+        """Run prompts (lists of token ids, no padding) together; yield (row, new token) as made."""
+        params = self._params(max_new_tokens, **sampling)
+        rows = [[int(t) for t in p] for p in prompts]
+        self.check_ids(rows)
+        for row in rows:
+            self.check_length(len(row), params.max_new_tokens)
+        seqs = [Sequence(prompt=row, params=params, stop_check=self._stop_checker(params.stop)) for row in rows]
+        index = {id(s): i for i, s in enumerate(seqs)}
+        for s, tok in self._run(seqs):
+            yield index[id(s)], tok
+
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32, **sampling) -> torch.Tensor:
         """The seed's contract: input_ids int64 [B, S] (+ optional mask) -> output_ids int64 [B, S + new].
 
@@ -231,12 +243,7 @@ class Engine:
 
     def stream(self, prompt_ids: Seq[int], max_new_tokens: int = 256, **sampling) -> Iterator[int]:
         """Yield the new token ids of one prompt as they are made."""
-        params = self._params(max_new_tokens, **sampling)
-        rows = [list(int(t) for t in prompt_ids)]
-        self.check_ids(rows)
-        self.check_length(len(rows[0]), params.max_new_tokens)
-        seq = Sequence(prompt=rows[0], params=params, stop_check=self._stop_checker(params.stop))
-        for _, tok in self._run([seq]):
+        for _, tok in self.iterate([prompt_ids], max_new_tokens, **sampling):
             yield tok
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
@@ -250,10 +257,12 @@ def _round_up(n: int, step: int, cap: int) -> int:
 
 
 # ---------------------------------------------------------------------- loading
-def _cache_key(ckpt: Checkpoint, world_size: int, dtype: torch.dtype, quant: str | None) -> str:
-    st = ckpt.path.stat()
-    ident = f"{ckpt.path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{world_size}|{dtype}|{quant}"
-    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+def _cache_key(path: Path, world_size: int, dtype: torch.dtype, quant: str | None) -> str:
+    """Identity of a cut in the cache: the source file's path, size and mtime, and the cut's settings."""
+    files = sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else [path]
+    ident = [str(path.resolve()), str(world_size), str(dtype), str(quant)]
+    ident += [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
+    return hashlib.sha256("|".join(ident).encode()).hexdigest()[:16]
 
 
 def _tokenizer_for(path: Path, ckpt: Checkpoint | None, args: ModelArgs) -> Tokenizer | None:
@@ -273,13 +282,14 @@ def resolve_parts(path: Path, world_size: int, dtype: torch.dtype, quant: str | 
         manifest = cutmod.read_manifest(path)
         cutmod.check_world_size(path, manifest, world_size)
         return path, None
+    target = cache_dir() / "parts" / f"{path.stem}-tp{world_size}-{_cache_key(path, world_size, dtype, quant)}"
+    if cutmod.is_cut_dir(target):
+        return target, None
     ckpt = open_checkpoint(path)
     plan(ckpt.args, world_size)
-    target = cache_dir() / "parts" / f"{ckpt.path.stem}-tp{world_size}-{_cache_key(ckpt, world_size, dtype, quant)}"
-    if not cutmod.is_cut_dir(target):
-        if progress:
-            print(f"tpllama: cutting {ckpt.path} into {world_size} parts at {target} (first time only)", file=sys.stderr)
-        cutmod.cut(ckpt, target, world_size, dtype=dtype, quant=quant, progress=progress)
+    if progress:
+        print(f"tpllama: cutting {ckpt.path} into {world_size} parts at {target} (first time only)", file=sys.stderr)
+    cutmod.cut(ckpt, target, world_size, dtype=dtype, quant=quant, progress=progress)
     return target, ckpt
 
 

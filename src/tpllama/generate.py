@@ -35,6 +35,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: int = 0
+    ignore_eos: bool = False  # benchmarks: always make max_new_tokens tokens
 
     def validate(self) -> "SamplingParams":
         def number(name: str, lo: float, hi: float, lo_open: bool = False) -> None:
@@ -200,7 +201,7 @@ class Decoder:
                 s.token_logprobs.append(
                     {"token": tok, "logprob": float(logp[i, tok]), "top": list(zip(top.indices.tolist(), top.values.tolist()))}
                 )
-            if tok in self.eos_ids:
+            if tok in self.eos_ids and not s.params.ignore_eos:
                 s.finish_reason = "stop"
             elif s.stop_check is not None and s.stop_check(s.generated):
                 s.finish_reason = "stop"

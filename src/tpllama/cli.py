@@ -1,0 +1,298 @@
+"""``tpllama cut | run | generate | chat | bench | serve``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+
+EXIT_BAD_INPUT = 2
+EXIT_RANK_FAILURE = 1
+
+
+# ---------------------------------------------------------------------- shared options
+def add_model_args(p: argparse.ArgumentParser, default_world_size: int = 1) -> None:
+    g = p.add_argument_group("model and ranks")
+    g.add_argument("--model", default=None, help="HF directory, .gguf file or cut directory (default: SmolLM2-135M-Instruct)")
+    g.add_argument("--world-size", type=int, default=None,
+                   help=f"number of tensor-parallel ranks (default {default_world_size}; under torchrun: its WORLD_SIZE)")
+    g.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default float32)")
+    g.add_argument("--quant", default="none", help="weight quantization: none | int8 | int4 (default none)")
+    g.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    g.add_argument("--threads", type=int, default=None, help="threads per rank (default: cores / ranks)")
+    g.add_argument("--timeout", type=float, default=60.0, help="seconds before a stuck rank is declared dead (default 60)")
+    p.set_defaults(default_world_size=default_world_size)
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def sampling_kwargs(a: argparse.Namespace) -> dict:
+    return dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, repetition_penalty=a.repetition_penalty,
+                seed=a.seed, stop=tuple(a.stop))
+
+
+def world_size_of(a: argparse.Namespace) -> int:
+    from .dist import launched_by_torchrun
+
+    if a.world_size is not None:
+        return a.world_size
+    if launched_by_torchrun():
+        return int(os.environ["WORLD_SIZE"])
+    return a.default_world_size
+
+
+def open_engine(a: argparse.Namespace, progress: bool = True):
+    from . import load
+
+    return load(a.model, world_size=world_size_of(a), dtype=a.dtype, quant=a.quant, device=a.device,
+                threads=a.threads, timeout_s=a.timeout, progress=progress)
+
+
+def is_rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+# ---------------------------------------------------------------------- cut
+def add_cut_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", required=True, help="HF directory or .gguf file")
+    p.add_argument("--output", required=True, help="directory to write (DIR/part_model/<rank>/, DIR/manifest.json)")
+    p.add_argument("--world-size", type=int, required=True)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--quant", default="none")
+
+
+def cmd_cut(a: argparse.Namespace) -> int:
+    from .cut import cut
+    from .loading import parse_dtype, parse_quant
+
+    t0 = time.perf_counter()
+    out = cut(a.input, a.output, a.world_size, dtype=parse_dtype(a.dtype), quant=parse_quant(a.quant), progress=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for r in manifest["ranks"]:
+        s = r["share"]
+        print(f"rank {s['rank']}: heads {s['heads']}, KV heads {s['kv_heads']}, FFN {s['ffn']}, vocab {s['vocab']}")
+    print(f"wrote {out} ({a.world_size} parts) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+# ---------------------------------------------------------------------- run (the seed's job)
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    add_model_args(p, default_world_size=2)
+    p.add_argument("--prompts", default=None, help="questions, one per line or JSONL with a 'prompt' field (default: 16 packaged)")
+    p.add_argument("--max-new-tokens", type=int, default=96, help="answer length cap (default 96)")
+    p.add_argument("--input-len", type=int, default=1024, help="performance row: prompt tokens (default 1024)")
+    p.add_argument("--output-len", type=int, default=1024, help="performance row: generated tokens (default 1024)")
+    p.add_argument("--no-perf", action="store_true", help="skip the performance table")
+
+
+def read_prompts(path: str | None) -> list[str]:
+    if path is None:
+        from importlib import resources
+
+        text = resources.files("tpllama").joinpath("data/questions.txt").read_text()
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    p = Path(path)
+    if not p.exists() or p.is_dir():
+        raise ValueError(f"prompts file {p} does not exist")
+    prompts = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("{"):
+            try:
+                obj = json.loads(line)
+                prompts.append(str(obj["prompt"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"{p}:{n}: a JSONL line needs a 'prompt' field") from None
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise ValueError(f"prompts file {p} holds no prompts")
+    return prompts
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from .bench import hardware_name, measure, seed_table
+
+    prompts = read_prompts(a.prompts)
+    for name in ("max_new_tokens", "input_len", "output_len"):
+        if getattr(a, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    with open_engine(a) as engine:
+        if engine.tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer, so it cannot answer text questions")
+        for s in engine.shares:
+            print(s.describe())
+        print("warm-up ...", flush=True)
+        list(engine.stream(engine.encode_chat([{"role": "user", "content": "Hello!"}]), max_new_tokens=8))
+        for i, q in enumerate(prompts, 1):
+            print(f"\n[{i}/{len(prompts)}] Q: {q}\nA: ", end="", flush=True)
+            ids = engine.encode_chat([{"role": "user", "content": q}])
+            stream_text(engine, ids, a.max_new_tokens)
+        if not a.no_perf:
+            print(f"\nmeasuring decode speed: 1 x {a.input_len} in, {a.output_len} out ...", flush=True)
+            engine.check_length(a.input_len, a.output_len)
+            m = measure(engine, a.input_len, a.output_len)
+            print()
+            print(seed_table(hardware_name(engine), m))
+            print(f"\n(time to first token {m.ttft_s * 1000:.0f} ms; decode p50 {m.latency(0.5) * 1000:.1f} ms/token; "
+                  f"dtype {engine.info['dtype']}, quant {engine.info['quant']})")
+    return 0
+
+
+def stream_text(engine, ids: list[int], max_new_tokens: int, **sampling) -> list[int]:
+    """Print the answer as it is generated (decoding the growing sequence, printing the new suffix)."""
+    out: list[int] = []
+    shown = ""
+    for tok in engine.stream(ids, max_new_tokens=max_new_tokens, **sampling):
+        if tok in engine.eos_ids:
+            break
+        out.append(tok)
+        text = engine.tokenizer.decode(out)
+        if not text.endswith("\ufffd"):
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+    print(flush=True)
+    return out
+
+
+# ---------------------------------------------------------------------- generate / chat
+def add_generate_args(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    add_sampling_args(p, max_new_tokens=128)
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    with open_engine(a, progress=True) as engine:
+        if engine.tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer: use the Python API with token ids")
+        if a.raw or not engine.tokenizer.has_chat_template:
+            ids = engine.tokenizer.encode(a.prompt)
+        else:
+            ids = engine.encode_chat([{"role": "user", "content": a.prompt}])
+        stream_text(engine, ids, a.max_new_tokens, **sampling_kwargs(a))
+    return 0
+
+
+def add_chat_args(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.add_argument("--system", default=None, help="system message")
+    add_sampling_args(p, max_new_tokens=256)
+
+
+def cmd_chat(a: argparse.Namespace) -> int:
+    with open_engine(a, progress=True) as engine:
+        if engine.tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer")
+        messages = [{"role": "system", "content": a.system}] if a.system else []
+        print("chat: empty line or Ctrl-D to quit, /reset to forget the conversation")
+        while True:
+            try:
+                line = input("> ").strip()
+            except EOFError:
+                print()
+                break
+            if not line:
+                break
+            if line == "/reset":
+                messages = messages[:1] if a.system else []
+                continue
+            messages.append({"role": "user", "content": line})
+            ids = engine.encode_chat(messages)
+            room = engine.args.max_seq_len - len(ids)
+            if room < 1:
+                print(f"(conversation is {len(ids)} tokens, the context is {engine.args.max_seq_len}: /reset)")
+                messages.pop()
+                continue
+            out = stream_text(engine, ids, min(a.max_new_tokens, room), **sampling_kwargs(a))
+            messages.append({"role": "assistant", "content": engine.tokenizer.decode(out)})
+    return 0
+
+
+# ---------------------------------------------------------------------- dispatch
+def _lazy(module: str):
+    """(add_arguments, main) of a command living in its own module, imported only when used."""
+    import importlib
+
+    def add(p):
+        try:
+            importlib.import_module(f"tpllama.{module}").add_arguments(p)
+        except ImportError as err:  # an optional dependency missing: say so when it is run
+            p.set_defaults(import_error=str(err))
+
+    def run(a):
+        if getattr(a, "import_error", None):
+            raise ValueError(f"`tpllama {module}` needs a missing package: {a.import_error}")
+        return importlib.import_module(f"tpllama.{module}").main(a)
+
+    return add, run
+
+
+def commands() -> dict:
+    """name -> (help, add_arguments, main). bench and serve live in their own modules."""
+    bench_add, bench_main = _lazy("bench")
+    serve_add, serve_main = _lazy("server")
+    return {
+        "cut": ("cut a checkpoint into N tensor-parallel parts", add_cut_args, cmd_cut),
+        "run": ("the seed's job: warm-up, 16 Q&A, performance table", add_run_args, cmd_run),
+        "generate": ("generate from one prompt, streaming", add_generate_args, cmd_generate),
+        "chat": ("interactive chat", add_chat_args, cmd_chat),
+        "bench": ("benchmark: the seed's table, comparisons, memory roofline", bench_add, bench_main),
+        "serve": ("OpenAI-compatible HTTP server", serve_add, serve_main),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tpllama", description="Tensor-parallel LLaMA inference.")
+    parser.add_argument("--version", action="version", version=f"tpllama {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what each rank holds and more")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add, fn) in commands().items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add(p)
+        p.set_defaults(fn=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .default_model import ModelFetchError
+    from .dist import RankFailure
+    from .shard import ShardError
+
+    a = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        return a.fn(a)
+    except (ValueError, CheckpointError, ConfigError, ShardError) as err:
+        print(f"tpllama: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ModelFetchError as err:
+        print(f"tpllama: error: {err}", file=sys.stderr)
+        return EXIT_RANK_FAILURE
+    except RankFailure as err:
+        if is_rank0():
+            print(f"tpllama: rank failure: {err}", file=sys.stderr)
+        return EXIT_RANK_FAILURE
+    except KeyboardInterrupt:
+        return 130
