@@ -1,0 +1,417 @@
+// tpllama CPU kernels: weight-only quantized matrix-vector products (AVX2 + FMA + F16C).
+//
+// Weight formats (block size 32 along the input dimension, rows = output features):
+//   int8 : qweight int8  [N, K],    scales f16|f32 [N, K/32]          w = d * q
+//   int4 : qweight uint8 [N, K/2],  scales, mins f16|f32 [N, K/32]    w = d * q + m, q in 0..15
+//          per 32-block of 16 bytes: byte j = element j (low nibble) | element j+16 (high nibble)
+//          (identical to the GGUF Q4_0 / Q4_1 nibble order).
+//
+// In memory (not in the stored form) the weights are repacked by tpllama.quant into tiles of
+// RT = 4 output rows, padded with zero rows to a multiple of 4, so that one pass over a tile
+// reads a single linear stream:
+//   int8 : qpack int8  [T, K/32, 4, 32],  spack [T, K/32, 4]
+//   int4 : qpack uint8 [T, K/32, 4, 16],  spack, mpack [T, K/32, 4]
+//
+// Decode path (few activation rows): the activations are quantized per 32-block to int8
+// (scale da = amax/127, and for int4 also sa = da * sum(q)), then
+//   y[n] = sum_b  dw[n,b]*da[b] * dot_i8(qw[n,b,:], qa[b,:])   (+ mw[n,b] * sa[b] for int4).
+// Tiles are split across the threads torch is set to (at::parallel_for); within a tile all
+// activation rows are processed while the tile is hot in L1.
+//
+// Built with -ffp-contract=off so that the dequantize kernels round exactly like the
+// PyTorch reference (separate multiply and add).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t QK = 32;
+
+inline float hsum_ps(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v);
+  __m128 hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  __m128 sh = _mm_movehdup_ps(lo);
+  lo = _mm_add_ps(lo, sh);
+  sh = _mm_movehl_ps(sh, lo);
+  lo = _mm_add_ss(lo, sh);
+  return _mm_cvtss_f32(lo);
+}
+
+inline float hsum128(__m128 v) {
+  __m128 sh = _mm_movehdup_ps(v);
+  v = _mm_add_ps(v, sh);
+  sh = _mm_movehl_ps(sh, v);
+  return _mm_cvtss_f32(_mm_add_ss(v, sh));
+}
+
+inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// scale loaders: 8 consecutive scales as fp32
+inline __m256 load8(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline float load1(const at::Half* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return _cvtsh_ss(bits);
+}
+inline float load1(const float* p) { return *p; }
+
+// Quantize one activation row of K floats (K % 32 == 0) to int8 per 32-block.
+// q: K int8, d: K/32 scales, s: K/32 values d * sum(q).
+void quantize_row(const float* x, int64_t K, int8_t* q, float* d, float* s) {
+  const __m256 signmask = _mm256_set1_ps(-0.0f);
+  const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  const int64_t nb = K / QK;
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* xb = x + b * QK;
+    __m256 v0 = _mm256_loadu_ps(xb);
+    __m256 v1 = _mm256_loadu_ps(xb + 8);
+    __m256 v2 = _mm256_loadu_ps(xb + 16);
+    __m256 v3 = _mm256_loadu_ps(xb + 24);
+    __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(signmask, v0), _mm256_andnot_ps(signmask, v1)),
+                             _mm256_max_ps(_mm256_andnot_ps(signmask, v2), _mm256_andnot_ps(signmask, v3)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float amax = _mm_cvtss_f32(m4);
+    const float dd = amax / 127.0f;
+    const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+    const __m256 vid = _mm256_set1_ps(id);
+    __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, vid));
+    __m256i i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, vid));
+    __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, vid));
+    __m256i i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, vid));
+    __m256i p01 = _mm256_packs_epi32(i0, i1);
+    __m256i p23 = _mm256_packs_epi32(i2, i3);
+    __m256i sum16 = _mm256_add_epi16(p01, p23);
+    __m256i p = _mm256_packs_epi16(p01, p23);
+    p = _mm256_permutevar8x32_epi32(p, perm);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * QK), p);
+    d[b] = dd;
+    s[b] = dd * static_cast<float>(hsum_epi32(_mm256_madd_epi16(sum16, ones16)));
+  }
+}
+
+constexpr int RT = 4;  // rows per tile
+#ifndef TPL_PF
+#define TPL_PF 1024
+#endif
+constexpr int64_t PF_BYTES = TPL_PF;  // software prefetch distance in the packed weight stream
+inline void pf(const void* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
+
+struct QAct {
+  std::vector<int8_t> q;  // M*K
+  std::vector<float> d4;  // M*nb*4: activation scale of each block, repeated for the 4 rows of a tile
+  std::vector<float> s4;  // M*nb*4: d * sum(q) of each block, repeated 4 times
+};
+
+QAct quantize_act(const float* x, int64_t M, int64_t K) {
+  QAct a;
+  const int64_t nb = K / QK;
+  a.q.resize(M * K);
+  a.d4.resize(M * nb * RT);
+  a.s4.resize(M * nb * RT);
+  std::vector<float> d(nb), s(nb);
+  for (int64_t m = 0; m < M; ++m) {
+    quantize_row(x + m * K, K, a.q.data() + m * K, d.data(), s.data());
+    for (int64_t b = 0; b < nb; ++b)
+      for (int r = 0; r < RT; ++r) {
+        a.d4[(m * nb + b) * RT + r] = d[b];
+        a.s4[(m * nb + b) * RT + r] = s[b];
+      }
+  }
+  return a;
+}
+
+// c[i] = scale[i] * d4[i] for the n = 4*nb interleaved scales of a tile
+template <typename ST>
+inline void combine_scales(const ST* S, int64_t n, const float* d4, float* c) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(c + i, _mm256_mul_ps(load8(S + i), _mm256_loadu_ps(d4 + i)));
+  for (; i < n; ++i) c[i] = load1(S + i) * d4[i];
+}
+
+// out[r] = sum_b mins[b*4 + r] * s4[b*4 + r]  (n = 4*nb, so 8 lanes = 2 blocks x 4 rows)
+template <typename ST>
+inline void dot_mins4(const ST* Mn, int64_t n, const float* s4, float* out) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(load8(Mn + i), _mm256_loadu_ps(s4 + i), acc);
+  __m128 a4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  float tmp[4];
+  _mm_storeu_ps(tmp, a4);
+  for (; i < n; ++i) tmp[i % 4] += load1(Mn + i) * s4[i];
+  for (int r = 0; r < 4; ++r) out[r] += tmp[r];
+}
+
+// One 32-block of int8 weights at w dotted with the int8 activations a, as 8 fp32 partial sums.
+inline __m256 dot_q8(const int8_t* w_ptr, __m256i a, __m256i ones16) {
+  const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w_ptr));
+  // |w| (unsigned) x sign(w)*a (signed); |w|,|a| <= 127 so the int16 pair sums cannot saturate
+  const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones16));
+}
+
+
+// One tile (4 rows) x one activation row. Accumulators are named registers (an array makes
+// GCC spill them to the stack). c: 4*nb combined scales (scratch), y: 4 results.
+template <typename ST>
+inline void q8_tile(const int8_t* W, const ST* S, int64_t nb, const int8_t* qa, const float* d4, float* c,
+                    float* y) {
+  combine_scales(S, nb * RT, d4, c);
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  __m256 acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const int8_t* w = W + b * (RT * QK);
+    pf(w + PF_BYTES);
+    pf(w + PF_BYTES + 64);
+    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qa + b * QK));
+    const float* cb = c + b * RT;
+    acc0 = _mm256_fmadd_ps(dot_q8(w, a, ones16), _mm256_broadcast_ss(cb), acc0);
+    acc1 = _mm256_fmadd_ps(dot_q8(w + QK, a, ones16), _mm256_broadcast_ss(cb + 1), acc1);
+    acc2 = _mm256_fmadd_ps(dot_q8(w + 2 * QK, a, ones16), _mm256_broadcast_ss(cb + 2), acc2);
+    acc3 = _mm256_fmadd_ps(dot_q8(w + 3 * QK, a, ones16), _mm256_broadcast_ss(cb + 3), acc3);
+  }
+  y[0] = hsum_ps(acc0);
+  y[1] = hsum_ps(acc1);
+  y[2] = hsum_ps(acc2);
+  y[3] = hsum_ps(acc3);
+}
+
+// int4: rows r and r+1 of a tile are adjacent 16-byte runs, so one 32-byte load holds one
+// block of two rows: lane 0 = row r, lane 1 = row r+1. Low nibbles are elements 0..15 and
+// high nibbles elements 16..31, multiplied against the matching activation half broadcast
+// to both lanes. The 4 int32 sums of each lane are scaled by that row's combined scale.
+template <typename ST>
+inline void q4_tile(const uint8_t* W, const ST* S, const ST* Mn, int64_t nb, const int8_t* qa, const float* d4,
+                    const float* s4, float* c, float* y) {
+  combine_scales(S, nb * RT, d4, c);
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i sel01 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+  const __m256i sel23 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
+  constexpr int64_t QB = QK / 2;  // bytes per block per row
+  __m256 acc01 = _mm256_setzero_ps(), acc23 = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* w = W + b * (RT * QB);
+    pf(w + PF_BYTES);
+    const __m256i alo = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qa + b * QK)));
+    const __m256i ahi =
+        _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qa + b * QK + 16)));
+    const __m256 cb = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(c + b * RT));
+    const __m256i v01 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+    const __m256i v23 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2 * QB));
+    // pair sums <= 2*15*127 per maddubs, two of them added: no int16 overflow
+    const __m256i p01 = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(v01, low4), alo),
+                                         _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v01, 4), low4), ahi));
+    const __m256i p23 = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(v23, low4), alo),
+                                         _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v23, 4), low4), ahi));
+    acc01 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p01, ones16)), _mm256_permutevar_ps(cb, sel01), acc01);
+    acc23 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p23, ones16)), _mm256_permutevar_ps(cb, sel23), acc23);
+  }
+  y[0] = hsum128(_mm256_castps256_ps128(acc01));
+  y[1] = hsum128(_mm256_extractf128_ps(acc01, 1));
+  y[2] = hsum128(_mm256_castps256_ps128(acc23));
+  y[3] = hsum128(_mm256_extractf128_ps(acc23, 1));
+  dot_mins4(Mn, nb * RT, s4, y);
+}
+
+// Checks a packed weight: q [T, nb, 4, qb] of dtype qdt, scales [T, nb, 4]; returns {T, nb}.
+std::pair<int64_t, int64_t> check_packed(const torch::Tensor& q, at::ScalarType qdt, int64_t qb,
+                                         const torch::Tensor& s, const torch::Tensor* mn, int64_t N) {
+  TORCH_CHECK(q.device().is_cpu() && q.is_contiguous() && q.scalar_type() == qdt && q.dim() == 4 &&
+                  q.size(2) == RT && q.size(3) == qb,
+              "packed qweight must be a contiguous CPU [T, K/32, 4, ", qb, "] tensor of ", qdt);
+  const int64_t T = q.size(0), nb = q.size(1);
+  TORCH_CHECK(N >= 0 && N <= T * RT && N > (T - 1) * RT - (T == 0 ? 1 : 0), "N=", N, " does not match ", T,
+              " tiles of 4 rows");
+  auto chk = [&](const torch::Tensor& t, const char* name) {
+    TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), name, " must be a contiguous CPU tensor");
+    TORCH_CHECK(t.scalar_type() == at::kHalf || t.scalar_type() == at::kFloat, name,
+                " must be float16 or float32");
+    TORCH_CHECK(t.dim() == 3 && t.size(0) == T && t.size(1) == nb && t.size(2) == RT, name, " must be [", T,
+                ", ", nb, ", 4]");
+  };
+  chk(s, "packed scales");
+  if (mn) {
+    chk(*mn, "packed mins");
+    TORCH_CHECK(mn->scalar_type() == s.scalar_type(), "scales and mins must have the same dtype");
+  }
+  return {T, nb};
+}
+
+void check_x(const torch::Tensor& x, int64_t K) {
+  TORCH_CHECK(x.device().is_cpu(), "x must be on CPU");
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "x must be float32");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "x must be [M, ", K, "]");
+  TORCH_CHECK(x.is_contiguous(), "x must be contiguous");
+}
+
+template <typename ST>
+void q8_matvec_impl(const float* x, int64_t M, int64_t nb, const int8_t* W, const ST* S, int64_t T, int64_t N,
+                    float* y) {
+  const int64_t K = nb * QK;
+  QAct a = quantize_act(x, M, K);
+  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> c(RT * nb);
+    float out[RT];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * RT;
+      const int64_t R = std::min<int64_t>(RT, N - n0);
+      for (int64_t m = 0; m < M; ++m) {
+        q8_tile(W + t * nb * RT * QK, S + t * nb * RT, nb, a.q.data() + m * K, a.d4.data() + m * nb * RT,
+                c.data(), out);
+        for (int64_t r = 0; r < R; ++r) y[m * N + n0 + r] = out[r];
+      }
+    }
+  });
+}
+
+template <typename ST>
+void q4_matvec_impl(const float* x, int64_t M, int64_t nb, const uint8_t* W, const ST* S, const ST* Mn, int64_t T,
+                    int64_t N, float* y) {
+  const int64_t K = nb * QK;
+  QAct a = quantize_act(x, M, K);
+  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> c(RT * nb);
+    float out[RT];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * RT;
+      const int64_t R = std::min<int64_t>(RT, N - n0);
+      for (int64_t m = 0; m < M; ++m) {
+        q4_tile(W + t * nb * RT * (QK / 2), S + t * nb * RT, Mn + t * nb * RT, nb, a.q.data() + m * K,
+                a.d4.data() + m * nb * RT, a.s4.data() + m * nb * RT, c.data(), out);
+        for (int64_t r = 0; r < R; ++r) y[m * N + n0 + r] = out[r];
+      }
+    }
+  });
+}
+
+// ---- dequantization of packed tiles to float32 [T*4, K] (bit-exact with the PyTorch
+// reference: d*q, then + m) ----
+template <typename ST>
+void q8_dequant_impl(const int8_t* W, const ST* S, int64_t T, int64_t nb, float* out) {
+  const int64_t K = nb * QK;
+  at::parallel_for(0, T, 4, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t b = 0; b < nb; ++b)
+        for (int r = 0; r < RT; ++r) {
+          const int64_t i = (t * nb + b) * RT + r;
+          const __m256 d = _mm256_set1_ps(load1(S + i));
+          const int8_t* w = W + i * QK;
+          float* o = out + (t * RT + r) * K + b * QK;
+          for (int j = 0; j < 4; ++j) {
+            const __m256i wi = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + 8 * j)));
+            _mm256_storeu_ps(o + 8 * j, _mm256_mul_ps(_mm256_cvtepi32_ps(wi), d));
+          }
+        }
+  });
+}
+
+template <typename ST>
+void q4_dequant_impl(const uint8_t* W, const ST* S, const ST* Mn, int64_t T, int64_t nb, float* out) {
+  const int64_t K = nb * QK;
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  at::parallel_for(0, T, 4, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t b = 0; b < nb; ++b)
+        for (int r = 0; r < RT; ++r) {
+          const int64_t i = (t * nb + b) * RT + r;
+          const __m256 d = _mm256_set1_ps(load1(S + i));
+          const __m256 m = _mm256_set1_ps(load1(Mn + i));
+          const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(W + i * (QK / 2)));
+          const __m128i lo = _mm_and_si128(raw, low4);
+          const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);
+          float* o = out + (t * RT + r) * K + b * QK;
+          const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+          for (int j = 0; j < 4; ++j) {
+            const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[j]));
+            _mm256_storeu_ps(o + 8 * j, _mm256_add_ps(_mm256_mul_ps(q, d), m));
+          }
+        }
+  });
+}
+
+}  // namespace
+
+// y[M, N] = x[M, K] @ dequant(W)^T, W packed int8 tiles, N = number of real rows
+torch::Tensor q8_matvec(torch::Tensor x, torch::Tensor qpack, torch::Tensor spack, int64_t N) {
+  auto [T, nb] = check_packed(qpack, at::kChar, QK, spack, nullptr, N);
+  check_x(x, nb * QK);
+  const int64_t M = x.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  if (nb == 0) return y.zero_();
+  if (spack.scalar_type() == at::kHalf)
+    q8_matvec_impl(x.data_ptr<float>(), M, nb, qpack.data_ptr<int8_t>(), spack.data_ptr<at::Half>(), T, N,
+                   y.data_ptr<float>());
+  else
+    q8_matvec_impl(x.data_ptr<float>(), M, nb, qpack.data_ptr<int8_t>(), spack.data_ptr<float>(), T, N,
+                   y.data_ptr<float>());
+  return y;
+}
+
+torch::Tensor q4_matvec(torch::Tensor x, torch::Tensor qpack, torch::Tensor spack, torch::Tensor mpack,
+                        int64_t N) {
+  auto [T, nb] = check_packed(qpack, at::kByte, QK / 2, spack, &mpack, N);
+  check_x(x, nb * QK);
+  const int64_t M = x.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  if (nb == 0) return y.zero_();
+  if (spack.scalar_type() == at::kHalf)
+    q4_matvec_impl(x.data_ptr<float>(), M, nb, qpack.data_ptr<uint8_t>(), spack.data_ptr<at::Half>(),
+                   mpack.data_ptr<at::Half>(), T, N, y.data_ptr<float>());
+  else
+    q4_matvec_impl(x.data_ptr<float>(), M, nb, qpack.data_ptr<uint8_t>(), spack.data_ptr<float>(),
+                   mpack.data_ptr<float>(), T, N, y.data_ptr<float>());
+  return y;
+}
+
+// float32 [T*4, K] from packed tiles (the caller slices off padding rows)
+torch::Tensor q8_dequant(torch::Tensor qpack, torch::Tensor spack) {
+  auto [T, nb] = check_packed(qpack, at::kChar, QK, spack, nullptr, qpack.size(0) * RT);
+  auto out = torch::empty({T * RT, nb * QK}, qpack.options().dtype(at::kFloat));
+  if (T == 0 || nb == 0) return out;
+  if (spack.scalar_type() == at::kHalf)
+    q8_dequant_impl(qpack.data_ptr<int8_t>(), spack.data_ptr<at::Half>(), T, nb, out.data_ptr<float>());
+  else
+    q8_dequant_impl(qpack.data_ptr<int8_t>(), spack.data_ptr<float>(), T, nb, out.data_ptr<float>());
+  return out;
+}
+
+torch::Tensor q4_dequant(torch::Tensor qpack, torch::Tensor spack, torch::Tensor mpack) {
+  auto [T, nb] = check_packed(qpack, at::kByte, QK / 2, spack, &mpack, qpack.size(0) * RT);
+  auto out = torch::empty({T * RT, nb * QK}, qpack.options().dtype(at::kFloat));
+  if (T == 0 || nb == 0) return out;
+  if (spack.scalar_type() == at::kHalf)
+    q4_dequant_impl(qpack.data_ptr<uint8_t>(), spack.data_ptr<at::Half>(), mpack.data_ptr<at::Half>(), T, nb,
+                    out.data_ptr<float>());
+  else
+    q4_dequant_impl(qpack.data_ptr<uint8_t>(), spack.data_ptr<float>(), mpack.data_ptr<float>(), T, nb,
+                    out.data_ptr<float>());
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("q8_matvec", &q8_matvec, "y = x @ dequant_int8(W)^T with int8-quantized activations (AVX2)");
+  m.def("q4_matvec", &q4_matvec, "y = x @ dequant_int4(W)^T with int8-quantized activations (AVX2)");
+  m.def("q8_dequant", &q8_dequant, "dequantize packed int8 tiles to float32 [T*4, K]");
+  m.def("q4_dequant", &q4_dequant, "dequantize packed int4 tiles to float32 [T*4, K]");
+}
