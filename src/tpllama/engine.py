@@ -16,7 +16,7 @@ from typing import Iterator, Sequence as Seq
 import torch
 
 from . import cut as cutmod
-from .checkpoint import Checkpoint, open_checkpoint  # noqa: F401
+from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
 from .config import ModelArgs
 from .default_model import cache_dir, default_model_path
 from .dist import DEFAULT_TIMEOUT_S, DistContext, RankFailure, Workers, init_ranks, launched_by_torchrun, pick_device
@@ -108,6 +108,8 @@ class Engine:
                 ids = torch.tensor(input_ids)
             except (TypeError, ValueError, OverflowError, RuntimeError) as err:
                 raise ValueError(f"input_ids must be a rectangular [batch, seq] array of integers: {err}") from None
+        if ids.numel() == 0:
+            raise ValueError(f"input_ids must have shape [batch, seq] with batch, seq >= 1, got {tuple(ids.shape)}")
         if ids.dtype in (torch.bool,) or ids.is_floating_point() or ids.is_complex():
             raise ValueError(f"input_ids must hold integers (int64), got dtype {ids.dtype}")
         if ids.dim() == 1:
@@ -282,6 +284,8 @@ def resolve_parts(path: Path, world_size: int, dtype: torch.dtype, quant: str | 
         manifest = cutmod.read_manifest(path)
         cutmod.check_world_size(path, manifest, world_size)
         return path, None
+    if not path.exists():
+        raise CheckpointError(f"model path {path} does not exist")
     target = cache_dir() / "parts" / f"{path.stem}-tp{world_size}-{_cache_key(path, world_size, dtype, quant)}"
     if cutmod.is_cut_dir(target):
         return target, None
