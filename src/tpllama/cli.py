@@ -22,7 +22,9 @@ def add_model_args(p: argparse.ArgumentParser, default_world_size: int = 1) -> N
     g.add_argument("--world-size", type=int, default=None,
                    help=f"number of tensor-parallel ranks (default {default_world_size}; under torchrun: its WORLD_SIZE)")
     g.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default float32)")
-    g.add_argument("--quant", default="none", help="weight quantization: none | int8 | int4 (default none)")
+    g.add_argument("--quant", default="auto",
+                   help="weights: auto (keep a GGUF file's own Q8_0/Q4_0/Q4_1 blocks, others float; the default) | "
+                        "none (all float) | int8 | int4")
     g.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     g.add_argument("--threads", type=int, default=None, help="threads per rank (default: cores / ranks)")
     g.add_argument("--timeout", type=float, default=60.0, help="seconds before a stuck rank is declared dead (default 60)")
@@ -72,7 +74,7 @@ def add_cut_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, help="directory to write (DIR/part_model/<rank>/, DIR/manifest.json)")
     p.add_argument("--world-size", type=int, required=True)
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--quant", default="none")
+    p.add_argument("--quant", default="none", help="none | auto | int8 | int4 (default none: float parts)")
 
 
 def cmd_cut(a: argparse.Namespace) -> int:

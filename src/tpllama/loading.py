@@ -32,11 +32,16 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     raise ValueError(f"dtype {dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
 
 
+AUTO = "auto"  # keep a GGUF file's own Q8_0/Q4_0/Q4_1 blocks as they are; everything else float
+
+
 def parse_quant(scheme: str | None) -> str | None:
     if scheme in (None, "", "none"):
         return None
-    if scheme not in quantmod.QUANT_SCHEMES:
-        raise ValueError(f"quantization {scheme!r} is not supported; allowed: none, {', '.join(quantmod.QUANT_SCHEMES)}")
+    if scheme != AUTO and scheme not in quantmod.QUANT_SCHEMES:
+        raise ValueError(
+            f"quantization {scheme!r} is not supported; allowed: none, {AUTO}, {', '.join(quantmod.QUANT_SCHEMES)}"
+        )
     return scheme
 
 
@@ -46,16 +51,23 @@ def is_linear(name: str) -> bool:
 
 
 def quantized_linear(ckpt: Checkpoint, name: str, scheme: str):
-    """A QuantLinear for ``name``: GGUF blocks imported as they are when they already are of
-    ``scheme``'s kind, else quantized from the float weight. None if the shape does not allow it."""
+    """A QuantLinear for ``name``, or None if its shape does not allow one.
+
+    GGUF blocks are imported as they are (no float detour) when they are already of ``scheme``'s
+    kind, and Q8_0 blocks are also kept as they are under int4 rather than degraded. The lm_head
+    is quantized to int8 under int4 too: its error reaches the logits directly."""
+    if name == LM_HEAD and scheme == "int4":
+        scheme = "int8"
     blocks = ckpt.read_blocks(name)
     if blocks is not None:
         raw, ggml_type = blocks
         kind = "int8" if ggml_type.name == "Q8_0" else "int4"
-        if kind == scheme:
+        if kind == scheme or scheme == AUTO or (kind == "int8" and scheme == "int4"):
             return quantmod.from_gguf_blocks(raw, ggml_type, ckpt.shape(name))
+    if scheme == AUTO:
+        return None
     weight = ckpt.read(name)
-    if weight.shape[1] % 32:
+    if weight.shape[1] % quantmod.BLOCK:
         return None
     return quantmod.quantize_weight(weight, scheme)
 
@@ -76,6 +88,8 @@ def stored_tensors(
                 for suffix, t in q.stored_tensors().items():
                     yield f"{module}.{suffix}", t, q.in_features
                 continue
+            if name == LM_HEAD and args.tie_word_embeddings:
+                continue  # no quantized copy: the tied embedding itself serves
         t = ckpt.read(name)
         if tuple(t.shape) != shape:
             raise CheckpointError(f"{ckpt.path}: tensor {name} has shape {tuple(t.shape)}, expected {shape}")
@@ -111,12 +125,14 @@ def _fuse(pieces: list) -> nn.Module:
         layer = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
         layer.weight = nn.Parameter(w, requires_grad=False)
         return layer
-    q = [p if isinstance(p, quantmod.QuantLinear) else quantmod.quantize_weight(p, _scheme(pieces)) for p in pieces]
-    return quantmod.cat_rows(q) if len(q) > 1 else q[0]
-
-
-def _scheme(pieces: list) -> str:
-    return next(p.scheme for p in pieces if isinstance(p, quantmod.QuantLinear))
+    schemes = {p.scheme if isinstance(p, quantmod.QuantLinear) else None for p in pieces}
+    if len(schemes) > 1:  # mixed kinds (e.g. a GGUF with Q4_1 q and Q6_K v): all int8, losing least
+        pieces = [
+            p if isinstance(p, quantmod.QuantLinear) and p.scheme == "int8"
+            else quantmod.quantize_weight(p.dequantize() if isinstance(p, quantmod.QuantLinear) else p, "int8")
+            for p in pieces
+        ]
+    return quantmod.cat_rows(pieces) if len(pieces) > 1 else pieces[0]
 
 
 def assemble(

@@ -49,6 +49,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., dim] -> [..., dim]; normalised in float32 like transformers."""
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
@@ -75,9 +77,11 @@ class KVCache(nn.Module):
         return self.k.shape[3]
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """transformers' rotate_half convention: x*cos + cat(-x2, x1)*sin, with the minus sign
+    folded into ``signed_sin`` = cat(-sin1, sin2). x [B, T, heads, D]; cos/sin [B, T, 1, D]."""
     half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * signed_sin
 
 
 class Attention(nn.Module):
@@ -91,21 +95,18 @@ class Attention(nn.Module):
         self.wo = nn.Linear(local.n_heads * args.head_dim, args.dim, bias=False, device=device, dtype=dtype)
 
     def forward(self, x, cos, sin, cache_k, cache_v, rows, positions, mask):
-        """x [B, T, dim]; cos/sin [B, T, D]; cache_k/v [slots, Hkv, max_len, D];
+        """x [B, T, dim]; cos/sin [B, T, 1, D]; cache_k/v [slots, Hkv, max_len, D];
         rows: slice or index tensor selecting the B cache slots; positions [B, T];
         mask: bool [B, 1, T, L] or None (None = causal over one contiguous row).
         Returns [B, T, dim] (this rank's partial sum before ``reduce``)."""
         B, T, _ = x.shape
         D = self.head_dim
-        qkv = self.wqkv(x)
-        q, k, v = qkv.split([self.n_heads * D, self.n_kv_heads * D, self.n_kv_heads * D], dim=-1)
-        q = q.view(B, T, self.n_heads, D).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_heads, D).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_heads, D).transpose(1, 2)
-        cos = cos.unsqueeze(1)
-        sin = sin.unsqueeze(1)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        H, Hkv = self.n_heads, self.n_kv_heads
+        qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, D)
+        qk = apply_rope(qkv[:, :, : H + Hkv], cos, sin)  # q and k rotated together
+        q = qk[:, :, :H].transpose(1, 2)
+        k = qk[:, :, H:].transpose(1, 2)
+        v = qkv[:, :, H + Hkv :].transpose(1, 2)
 
         length = mask.shape[-1] if mask is not None else int(positions[0, -1]) + 1
         if isinstance(rows, slice):
@@ -123,11 +124,27 @@ class Attention(nn.Module):
             cache_v[rows[:, None], :, positions] = v.transpose(1, 2)
             keys, values = cache_k[rows, :, :length], cache_v[rows, :, :length]
 
-        if mask is None and T > 1:
+        if T == 1:
+            out = decode_attention(q, keys, values, mask)
+        elif mask is None:
             out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=True)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * D))
+
+
+def decode_attention(q, keys, values, mask):
+    """One query per row: q [B, H, 1, D], keys/values [B, Hkv, L, D], mask bool [B, 1, 1, L] or
+    None -> [B, H, 1, D]. Two small batched matmuls over each KV group's query heads (PyTorch's
+    fused CPU attention kernel costs milliseconds for a single query)."""
+    B, H, _, D = q.shape
+    hkv = keys.shape[1]
+    qg = q.view(B, hkv, H // hkv, D)
+    scores = torch.matmul(qg, keys.transpose(-1, -2)) * (D**-0.5)  # [B, Hkv, G, L]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return torch.matmul(probs, values).view(B, H, 1, D)
 
 
 class FeedForward(nn.Module):
@@ -184,7 +201,9 @@ class Transformer(nn.Module):
         pos = torch.arange(self.args.max_seq_len, device=device, dtype=torch.float32)
         freqs = pos[:, None] * inv[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.rope_cos, self.rope_sin = emb.cos(), emb.sin()
+        half = inv.shape[0]
+        sin = emb.sin()
+        self.rope_cos, self.rope_sin = emb.cos(), torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
 
     def ensure_cache(self, slots: int, max_len: int) -> KVCache:
         """(Re)allocate the KV cache when it has fewer slots or columns than asked for."""
@@ -222,8 +241,8 @@ class Transformer(nn.Module):
         if not (B == 1 and int(positions[0, 0]) == 0) and not (B == 1 and T == 1):
             key_pos = torch.arange(length, device=tokens.device)
             mask = (key_pos[None, None, :] <= positions[:, :, None]).unsqueeze(1)
-        cos = self.rope_cos[positions]
-        sin = self.rope_sin[positions]
+        cos = self.rope_cos[positions].unsqueeze(2)
+        sin = self.rope_sin[positions].unsqueeze(2)
         if cos.dtype != self.norm.weight.dtype:
             cos, sin = cos.to(self.norm.weight.dtype), sin.to(self.norm.weight.dtype)
 

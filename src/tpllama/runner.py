@@ -14,6 +14,8 @@ from .model import Transformer
 
 CMD_FORWARD, CMD_CACHE, CMD_STOP = 1, 2, 3
 HEADER = 6  # cmd, B, T, rows kind (0 slice / 1 index), rows start, cache columns
+INLINE = 58  # payload words carried inside the header message (a decode step of up to 19 rows)
+MESSAGE = HEADER + INLINE
 
 
 class Runner:
@@ -29,9 +31,14 @@ class Runner:
         return self.ctx is not None and self.ctx.world_size > 1
 
     def _send(self, cmd: int, b: int = 0, t: int = 0, kind: int = 0, start: int = 0, cols: int = 0, payload=None):
-        header = torch.tensor([cmd, b, t, kind, start, cols], dtype=torch.int64)
-        self.ctx.broadcast(header)
-        if payload is not None:
+        """One broadcast when the payload fits inline (every decode step), two otherwise."""
+        message = torch.zeros(MESSAGE, dtype=torch.int64)
+        message[:HEADER] = torch.tensor([cmd, b, t, kind, start, cols])
+        inline = payload is not None and payload.numel() <= INLINE
+        if inline:
+            message[HEADER : HEADER + payload.numel()] = payload
+        self.ctx.broadcast(message)
+        if payload is not None and not inline:
             self.ctx.broadcast(payload)
 
     def ensure_cache(self, slots: int, max_len: int) -> None:
@@ -65,10 +72,10 @@ class Runner:
 def follow(model: Transformer, ctx) -> None:
     """Ranks 1..N-1: execute rank 0's commands until told to stop."""
     dev = model.norm.weight.device
-    header = torch.empty(HEADER, dtype=torch.int64)
+    message = torch.empty(MESSAGE, dtype=torch.int64)
     while True:
-        ctx.broadcast(header)
-        cmd, b, t, kind, start, cols = header.tolist()
+        ctx.broadcast(message)
+        cmd, b, t, kind, start, cols = message[:HEADER].tolist()
         if cmd == CMD_STOP:
             return
         if cmd == CMD_CACHE:
@@ -77,8 +84,12 @@ def follow(model: Transformer, ctx) -> None:
         if cmd != CMD_FORWARD:
             raise RuntimeError(f"unknown command {cmd} from rank 0")
         n = b * t
-        payload = torch.empty(2 * n + (b if kind == 1 else 0), dtype=torch.int64)
-        ctx.broadcast(payload)
+        size = 2 * n + (b if kind == 1 else 0)
+        if size <= INLINE:
+            payload = message[HEADER : HEADER + size].clone()
+        else:
+            payload = torch.empty(size, dtype=torch.int64)
+            ctx.broadcast(payload)
         tokens = payload[:n].view(b, t).to(dev)
         positions = payload[n : 2 * n].view(b, t).to(dev)
         rows = slice(start, start + b) if kind == 0 else payload[2 * n :].to(dev)
