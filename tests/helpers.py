@@ -26,6 +26,9 @@ TINY_CONFIGS = {
     # 9 heads / 3 KV heads like SmolLM2, FFN multiple of 32, 3 layers
     "smol-like": dict(hidden_size=72, intermediate_size=192, num_attention_heads=9, num_key_value_heads=3,
                       num_hidden_layers=3, vocab_size=150, tie_word_embeddings=True),
+    # every width a multiple of 32, so every linear layer can be quantized (int8/int4 blocks of 32)
+    "q32": dict(hidden_size=192, intermediate_size=320, num_attention_heads=6, num_key_value_heads=3, head_dim=32,
+                num_hidden_layers=2, vocab_size=150, tie_word_embeddings=True),
 }
 
 
