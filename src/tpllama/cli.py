@@ -251,6 +251,7 @@ def commands() -> dict:
     """name -> (help, add_arguments, main). bench and serve live in their own modules."""
     bench_add, bench_main = _lazy("bench")
     serve_add, serve_main = _lazy("server")
+    quality_add, quality_main = _lazy("quality")
     return {
         "cut": ("cut a checkpoint into N tensor-parallel parts", add_cut_args, cmd_cut),
         "run": ("the seed's job: warm-up, 16 Q&A, performance table", add_run_args, cmd_run),
@@ -258,6 +259,7 @@ def commands() -> dict:
         "chat": ("interactive chat", add_chat_args, cmd_chat),
         "bench": ("benchmark: the seed's table, comparisons, memory roofline", bench_add, bench_main),
         "serve": ("OpenAI-compatible HTTP server", serve_add, serve_main),
+        "quality": ("greedy-token agreement of quantized weights with float32", quality_add, quality_main),
     }
 
 
