@@ -46,10 +46,21 @@ class DistContext:
     control: object  # ProcessGroup (gloo)
     compute: object  # ProcessGroup (gloo or nccl)
     timeout_s: float
+    shm: object = None  # shm.ShmCollectives when every rank is a CPU process of this host
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shm is not None:
+            return self.shm.all_reduce(x)
         dist.all_reduce(x, group=self.compute)
         return x
+
+    def _all_gather(self, local: torch.Tensor) -> torch.Tensor:
+        """[world_size, *local.shape]"""
+        if self.shm is not None:
+            return self.shm.all_gather(local)
+        out = torch.empty((self.world_size * local.shape[0], *local.shape[1:]), dtype=local.dtype, device=local.device)
+        _all_gather_single(out, local, group=self.compute)
+        return out.view(self.world_size, *local.shape)
 
     def gather_vocab(self, parts: list[int]):
         """A callable concatenating each rank's logits slice [..., V_r] into [..., sum V_r]."""
@@ -59,19 +70,32 @@ class DistContext:
             pad = widest - local.shape[-1]
             if pad:
                 local = torch.nn.functional.pad(local, (0, pad))
-            local = local.contiguous()
-            out = torch.empty((self.world_size * local.shape[0], *local.shape[1:]), dtype=local.dtype, device=local.device)
-            _all_gather_single(out, local, group=self.compute)
-            out = out.view(self.world_size, *local.shape)
+            out = self._all_gather(local.contiguous())
             return torch.cat([out[r, ..., : parts[r]] for r in range(self.world_size)], dim=-1)
 
         return gather
 
-    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
-        dist.broadcast(x, src=src, group=self.control)
+    def broadcast(self, x: torch.Tensor, src: int = 0, idle: bool = False) -> torch.Tensor:
+        """Rank ``src``'s ``x`` on every rank. ``idle``: a worker waiting for its next command
+        waits without a time limit; everything else is bounded by the timeout."""
+        if self.shm is not None:
+            return self.shm.broadcast(x, src=src, timeout_s=None if idle else self.timeout_s)
+        work = dist.broadcast(x, src=src, group=self.control, async_op=True)
+        if idle:
+            work.wait()
+        elif not work.wait(timeout=datetime.timedelta(seconds=self.timeout_s)):
+            raise RankFailure(f"broadcast timed out after {self.timeout_s:g} s")
         return x
 
+    def poison(self) -> None:
+        """Make every rank's pending shared-memory wait fail now (a rank died)."""
+        if self.shm is not None:
+            self.shm.poison()
+
     def close(self) -> None:
+        if self.shm is not None:
+            self.shm.close()
+            self.shm = None
         if dist.is_initialized():
             try:
                 dist.destroy_process_group()
@@ -102,7 +126,43 @@ def init_ranks(rank: int, world_size: int, device: str | None, timeout_s: float)
     )
     compute = dist.group.WORLD
     control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
-    return DistContext(rank, world_size, local_rank, dev, control, compute, timeout_s)
+    ctx = DistContext(rank, world_size, local_rank, dev, control, compute, timeout_s)
+    ctx.shm = _shared_memory(ctx)
+    return ctx
+
+
+def one_host() -> bool:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))) == int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _shared_memory(ctx: DistContext):
+    """Shared-memory collectives when every rank is a CPU process of this host and the
+    extension builds (every rank must agree, so rank 0 decides and tells the others)."""
+    from . import shm
+
+    decision = [None]
+    if ctx.rank == 0 and ctx.device.type == "cpu" and one_host() and shm.available():
+        decision = [shm.ShmCollectives.make_name(os.environ.get("MASTER_PORT"))]
+    dist.broadcast_object_list(decision, src=0, group=ctx.control)
+    name = decision[0]
+    if name is None:
+        return None
+    seg = None
+    try:
+        if ctx.rank != 0 and not shm.available():
+            raise RuntimeError("shared-memory collectives unavailable on this rank")
+        seg = shm.ShmCollectives(name, ctx.rank, ctx.world_size, timeout_s=ctx.timeout_s)
+        ok = torch.ones(1)
+    except Exception:
+        ok = torch.zeros(1)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=ctx.control)  # also: everybody has it mapped
+    if ctx.rank == 0 and seg is not None:
+        seg.unlink()  # nothing left in /dev/shm, whatever happens later
+    if ok.item() < 1:
+        if seg is not None:
+            seg.close()
+        return None
+    return seg
 
 
 def launched_by_torchrun() -> bool:
@@ -129,6 +189,7 @@ class Workers:
 
     def __init__(self, world_size: int, worker_args: list[str], threads: int | None):
         self.world_size = world_size
+        self.on_failure = None  # called from the watchdog thread when a worker dies
         self.port = free_port()
         self.failure: str | None = None
         self._closing = False
@@ -152,6 +213,8 @@ class Workers:
                 code = p.poll()
                 if code is not None and not self._closing:  # workers exit only when told to
                     self.failure = f"rank {rank} exited with code {code}"
+                    if self.on_failure is not None:
+                        self.on_failure()
                     self.kill()
                     return
             time.sleep(0.2)

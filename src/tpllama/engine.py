@@ -359,6 +359,8 @@ def load(
             holder = [str(resolve_parts(src, world_size, torch_dtype, quant, progress)[0])]
         torch.distributed.broadcast_object_list(holder, src=0, group=ctx.control)
         parts = Path(holder[0])
+    if workers is not None:
+        workers.on_failure = ctx.poison
     model, share, args, err = _load_rank(parts, rank, world_size, torch_dtype, ctx)
     _agree_loaded(ctx, err, workers)
     if rank != 0:
@@ -368,7 +370,7 @@ def load(
     shares = plan(args, world_size)
     tokenizer = _tokenizer_for(parts, None, args)
     info = {"path": str(src), "parts": str(parts), "dtype": str(torch_dtype).removeprefix("torch."), "quant": quant or "none",
-            "threads_per_rank": threads, "device": str(ctx.device), "backend": torch.distributed.get_backend(ctx.compute),
+            "threads_per_rank": threads, "device": str(ctx.device), "backend": "shared memory" if ctx.shm is not None else torch.distributed.get_backend(ctx.compute),
             "launcher": "torchrun" if torchrun else "tpllama"}
     for s in shares:
         log.info(s.describe())

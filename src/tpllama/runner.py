@@ -74,7 +74,7 @@ def follow(model: Transformer, ctx) -> None:
     dev = model.norm.weight.device
     message = torch.empty(MESSAGE, dtype=torch.int64)
     while True:
-        ctx.broadcast(message)
+        ctx.broadcast(message, idle=True)
         cmd, b, t, kind, start, cols = message[:HEADER].tolist()
         if cmd == CMD_STOP:
             return

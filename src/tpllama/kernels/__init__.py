@@ -30,7 +30,7 @@ import time
 
 import torch
 
-__all__ = ["available", "get", "bench_matvec", "build_dir"]
+__all__ = ["available", "get", "bench_matvec", "build_dir", "build_extension"]
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,38 @@ def _build():
             build_directory=bdir,
             verbose=False,
         )
+
+
+def build_extension(prefix: str, source: str, cflags: list[str], ldflags: list[str] = (),
+                    message: str | None = None):
+    """Compile (or load from the cache) another C++ extension next to this file.
+
+    Same scheme as the kernels: ``$TPLLAMA_CACHE/ext/<hash of source, flags, torch and Python
+    version>``, serialized across processes with a lock file, ``message`` printed to stderr
+    when an actual build is needed. ``source`` is a file name in this directory. Raises on
+    failure; the caller decides on the fallback.
+    """
+    from torch.utils import cpp_extension
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), source)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read())
+    for part in (prefix, torch.__version__, " ".join(list(cflags) + list(ldflags)), sys.version):
+        h.update(part.encode())
+    root = os.path.expanduser(os.environ.get("TPLLAMA_CACHE", "~/.cache/tpllama"))
+    bdir = os.path.join(root, "ext", prefix + "-" + h.hexdigest()[:16])
+    os.makedirs(bdir, exist_ok=True)
+    name = prefix + "_" + h.hexdigest()[:16]
+    with _file_lock(os.path.join(bdir, "tpllama.lock")):
+        stale = os.path.join(bdir, "lock")  # torch baton left by a killed build (see _build)
+        if os.path.exists(stale):
+            with contextlib.suppress(OSError):
+                os.remove(stale)
+        if message and not os.path.exists(os.path.join(bdir, name + ".so")):
+            print(message, file=sys.stderr, flush=True)
+        return cpp_extension.load(name=name, sources=[path], extra_cflags=list(cflags),
+                                  extra_ldflags=list(ldflags), build_directory=bdir, verbose=False)
 
 
 def get():
