@@ -157,7 +157,7 @@ def cut(
 
 
 def _expected_count(ckpt: Checkpoint, quant: str | None) -> list[str]:
-    from .checkpoint import EMBED, LM_HEAD, expected_shapes
+    from .checkpoint import LM_HEAD, expected_shapes
 
     names = list(expected_shapes(ckpt.args))
     if quant and ckpt.args.tie_word_embeddings and LM_HEAD not in names:
