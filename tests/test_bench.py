@@ -46,6 +46,8 @@ def _check_row(row: dict, repeat: int, ranks: int) -> None:
     assert [m["rank"] for m in mem] == list(range(len(mem)))
     for m in mem:
         assert _positive(m["peak_rss_bytes"]) and m["peak_rss_bytes"] > 10 << 20  # at least torch itself
+        # VmHWM (kernel's peak) vs sampled RSS: the kernel's counters lag a little, so not exact
+        assert m["vm_hwm_bytes"] is None or m["vm_hwm_bytes"] >= 0.9 * m["peak_rss_bytes"]
 
 
 def test_bench_compare_hf_end_to_end(tmp_path, capsys):
@@ -83,8 +85,10 @@ def test_bench_compare_hf_end_to_end(tmp_path, capsys):
     assert tp["bytes_per_step"]["kv_bytes"] == int(kv)
 
 
-def test_bench_synthetic_world_size_2(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("TPLLAMA_CACHE", str(tmp_path / "cache"))
+def test_bench_synthetic_world_size_2(tmp_path, capsys):
+    # the shared cache (as other tests' cuts): the synthetic parts and compiled extensions are reused
+    from tpllama.default_model import cache_dir
+
     out = tmp_path / "synthetic.json"
     rc = main(["bench", "--synthetic", "smollm2-135m", "--world-size", "2", "--dtype", "bfloat16", "--input-len", "8",
                "--output-len", "3", "--repeat", "1", "--warmup", "0", "--probe-mib", "16", "--no-progress",
@@ -102,7 +106,7 @@ def test_bench_synthetic_world_size_2(tmp_path, monkeypatch, capsys):
     assert len(row["memory"]) == 2 and row["memory"][1]["pid"] != row["memory"][0]["pid"]
     assert data["ratio"] is None
     # the synthetic model was written as a cut directory into the cache, one part per rank
-    parts = list((tmp_path / "cache" / "synthetic").glob("smollm2-135m-tp2-bfloat16-none-*"))
+    parts = list((cache_dir() / "synthetic").glob("smollm2-135m-tp2-bfloat16-none-*"))
     assert len(parts) == 1 and (parts[0] / "manifest.json").is_file()
     manifest = json.loads((parts[0] / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["config"]["hidden_size"] == 576
