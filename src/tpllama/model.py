@@ -125,7 +125,7 @@ class Attention(nn.Module):
             keys, values = cache_k[rows, :, :length], cache_v[rows, :, :length]
 
         if T == 1:
-            out = decode_attention(q, keys, values, mask)
+            out = decode_attention(q, keys, values, mask, positions[:, 0] + 1)
         elif mask is None:
             out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=True)
         else:
@@ -133,12 +133,19 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * D))
 
 
-def decode_attention(q, keys, values, mask):
+def decode_attention(q, keys, values, mask, lengths=None):
     """One query per row: q [B, H, 1, D], keys/values [B, Hkv, L, D], mask bool [B, 1, 1, L] or
-    None -> [B, H, 1, D]. Two small batched matmuls over each KV group's query heads (PyTorch's
-    fused CPU attention kernel costs milliseconds for a single query)."""
+    None, lengths int64 [B] (keys each row sees) -> [B, H, 1, D]. On CPU in float32: our AVX2
+    kernel (one pass over each KV head's keys and values, shared by its query heads); else two
+    small batched matmuls (PyTorch's fused CPU attention costs milliseconds for one query)."""
     B, H, _, D = q.shape
     hkv = keys.shape[1]
+    if lengths is not None and q.dtype == torch.float32 and q.device.type == "cpu":
+        from . import kernels
+
+        ext = kernels.get()
+        if ext is not None and D % 8 == 0:
+            return ext.decode_attention(q.view(B, H, D), keys, values, lengths, D**-0.5).view(B, H, 1, D)
     qg = q.view(B, hkv, H // hkv, D)
     scores = torch.matmul(qg, keys.transpose(-1, -2)) * (D**-0.5)  # [B, Hkv, G, L]
     if mask is not None:

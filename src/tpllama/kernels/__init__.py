@@ -35,6 +35,7 @@ __all__ = ["available", "get", "bench_matvec", "build_dir", "build_extension"]
 log = logging.getLogger(__name__)
 
 _SOURCES = ("matvec_avx2.cpp",)
+_INCLUDES = ("attention_avx2.inc",)  # #included by the sources: part of the build hash
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-DNDEBUG"]
 _LDFLAGS = ["-fopenmp"]
 
@@ -79,7 +80,8 @@ def _source_paths() -> list[str]:
 
 def _digest() -> str:
     h = hashlib.sha256()
-    for p in _source_paths():
+    here = os.path.dirname(os.path.abspath(__file__))
+    for p in _source_paths() + [os.path.join(here, i) for i in _INCLUDES]:
         with open(p, "rb") as f:
             h.update(f.read())
     h.update(torch.__version__.encode())

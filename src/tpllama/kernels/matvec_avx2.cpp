@@ -409,9 +409,12 @@ torch::Tensor q4_dequant(torch::Tensor qpack, torch::Tensor spack, torch::Tensor
   return out;
 }
 
+#include "attention_avx2.inc"
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q8_matvec", &q8_matvec, "y = x @ dequant_int8(W)^T with int8-quantized activations (AVX2)");
   m.def("q4_matvec", &q4_matvec, "y = x @ dequant_int4(W)^T with int8-quantized activations (AVX2)");
   m.def("q8_dequant", &q8_dequant, "dequantize packed int8 tiles to float32 [T*4, K]");
   m.def("q4_dequant", &q4_dequant, "dequantize packed int4 tiles to float32 [T*4, K]");
+  m.def("decode_attention", &decode_attention, "single-query GQA attention over the KV cache (AVX2)");
 }
