@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .checkpoint import EMBED, LM_HEAD, expected_shapes
+from .checkpoint import EMBED, expected_shapes
 from .config import ModelArgs
 from .cut import FORMAT, MANIFEST, SafetensorsStreamWriter, is_cut_dir
 from .default_model import sha256_file
@@ -84,19 +84,13 @@ def share_shape(name: str, shape: tuple[int, ...], share: RankShare, args: Model
     return tuple(out)
 
 
-def lm_head_scheme(quant: str) -> str:
-    """The scheme the cutter gives lm_head (``loading.quantized_linear``: int8 under int4)."""
-    return "int8" if quant == "int4" else quant
-
-
 def _stored(name: str, w: torch.Tensor, dtype: torch.dtype, quant: str | None):
     """(stored name, tensor) pairs for weight ``name`` (float32 ``w``), quantized when asked."""
     if quant and is_linear(name) and w.shape[1] % 32 == 0:
         from . import quant as quantmod
 
         module = name[: -len(".weight")]
-        scheme = lm_head_scheme(quant) if name == LM_HEAD else quant
-        q = quantmod.quantize_weight(w, scheme)
+        q = quantmod.quantize_weight(w, quant)
         return [(f"{module}.{suffix}", t) for suffix, t in q.stored_tensors().items()]
     return [(name, w.to(dtype))]
 
@@ -129,12 +123,9 @@ def write_synthetic(name: str, world_size: int, dtype: torch.dtype, quant: str |
             writers.append(SafetensorsStreamWriter(p / "model.safetensors"))
         bar = tqdm(total=len(shapes) + 1, desc=f"synthetic {name} x{world_size}", unit="tensor", disable=not progress,
                    leave=False, file=sys.stderr)
-        embedding = None
         for tname, shape in shapes.items():
             if split_rule(tname) is None or world_size == 1:  # replicated: one tensor, the same on every rank
                 w = _random(shape, tname, None)
-                if tname == EMBED and quant and args.tie_word_embeddings:
-                    embedding = w  # kept for the quantized lm_head copy below
                 pairs = _stored(tname, w, dtype, quant) if tname != EMBED else [(tname, w.to(dtype))]
                 for wr in writers:
                     for n, t in pairs:
@@ -146,15 +137,8 @@ def write_synthetic(name: str, world_size: int, dtype: torch.dtype, quant: str |
                         wr.write(n, t)
                     del w
             bar.update(1)
-        if embedding is not None and args.dim % 32 == 0:
-            # as the cutter does: a quantized copy of the tied embedding serves as lm_head
-            for share, wr in zip(shares, writers):
-                rows = embedding[share.vocab[0] : share.vocab[1]] if world_size > 1 else embedding
-                for n, t in _stored(LM_HEAD, rows, dtype, quant):
-                    wr.write(n, t)
         bar.update(1)
         bar.close()
-        del embedding
         meta = {"format": FORMAT, "world_size": str(world_size)}
         ranks = []
         for share, wr, p in zip(shares, writers, parts):

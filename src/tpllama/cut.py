@@ -157,12 +157,9 @@ def cut(
 
 
 def _expected_count(ckpt: Checkpoint, quant: str | None) -> list[str]:
-    from .checkpoint import LM_HEAD, expected_shapes
+    from .checkpoint import expected_shapes
 
-    names = list(expected_shapes(ckpt.args))
-    if quant and ckpt.args.tie_word_embeddings and LM_HEAD not in names:
-        names.append(LM_HEAD)
-    return names
+    return list(expected_shapes(ckpt.args))
 
 
 def _tokenizer_source(ckpt: Checkpoint) -> Path | None:

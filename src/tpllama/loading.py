@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import quant as quantmod
-from .checkpoint import EMBED, FINAL_NORM, LM_HEAD, Checkpoint, CheckpointError, expected_shapes, layer_names
+from .checkpoint import EMBED, FINAL_NORM, Checkpoint, CheckpointError, expected_shapes, layer_names
 from .config import ModelArgs
 from .model import LocalSizes, Transformer, identity
 from .shard import RankShare, slice_for_rank
@@ -46,8 +46,12 @@ def parse_quant(scheme: str | None) -> str | None:
 
 
 def is_linear(name: str) -> bool:
-    """True for the weight of a linear layer (the tensors that may be quantized)."""
-    return name.endswith("_proj.weight") or name == LM_HEAD
+    """True for the weights that may be quantized: the layers' linear projections.
+
+    The lm_head stays float: the quantized kernels quantize their activations to int8, and on
+    the lm_head that flips greedy choices (measured: SmolLM2 answered "What is the capital of
+    France?" wrongly with an int8 lm_head, correctly with a float one)."""
+    return name.endswith("_proj.weight")
 
 
 def quantized_linear(ckpt: Checkpoint, name: str, scheme: str):
@@ -55,9 +59,7 @@ def quantized_linear(ckpt: Checkpoint, name: str, scheme: str):
 
     GGUF blocks are imported as they are (no float detour) when they are already of ``scheme``'s
     kind, and Q8_0 blocks are also kept as they are under int4 rather than degraded. The lm_head
-    is quantized to int8 under int4 too: its error reaches the logits directly."""
-    if name == LM_HEAD and scheme == "int4":
-        scheme = "int8"
+    """
     blocks = ckpt.read_blocks(name)
     if blocks is not None:
         raw, ggml_type = blocks
@@ -77,10 +79,7 @@ def stored_tensors(
 ) -> Iterator[tuple[str, torch.Tensor, int | None]]:
     """Yield (stored name, whole tensor, in_features for linear layers) one tensor at a time."""
     args = ckpt.args
-    shapes = expected_shapes(args)
-    if quant and args.tie_word_embeddings:
-        shapes[LM_HEAD] = shapes[EMBED]  # a quantized copy of the tied embedding serves as lm_head
-    for name, shape in shapes.items():
+    for name, shape in expected_shapes(args).items():
         module = name[: -len(".weight")]
         if quant and is_linear(name):
             q = quantized_linear(ckpt, name, quant)
@@ -88,8 +87,6 @@ def stored_tensors(
                 for suffix, t in q.stored_tensors().items():
                     yield f"{module}.{suffix}", t, q.in_features
                 continue
-            if name == LM_HEAD and args.tie_word_embeddings:
-                continue  # no quantized copy: the tied embedding itself serves
         t = ckpt.read(name)
         if tuple(t.shape) != shape:
             raise CheckpointError(f"{ckpt.path}: tensor {name} has shape {tuple(t.shape)}, expected {shape}")
