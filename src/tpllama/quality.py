@@ -1,8 +1,9 @@
 """``tpllama quality``: how often a quantized model picks float32's greedy token.
 
 Teacher-forced: float32 greedily answers each question; the quantized model then reads the same
-tokens and we count the positions where its own greedy choice equals float32's next token. This
-measures every position independently (one early disagreement does not derail the rest).
+tokens, one decode step at a time as in generation, and we count the positions where its own
+greedy choice equals float32's next token. Every position is measured independently (one early
+disagreement does not derail the rest).
 """
 
 from __future__ import annotations
@@ -23,13 +24,16 @@ def reference_answers(engine, prompts: list[list[int]], max_new_tokens: int) -> 
 
 @torch.inference_mode()
 def greedy_choices(engine, ids: list[int], answer: list[int]) -> list[int]:
-    """The engine's argmax after each prefix prompt + answer[:i], i = 0..len(answer)-1 (one rank)."""
-    seq = ids + answer[:-1]
-    model = engine.runner.model
-    model.ensure_cache(1, len(seq) + 1)
-    dev = engine.runner.device
-    logits = model(torch.tensor([seq], device=dev), torch.arange(len(seq), device=dev)[None], slice(0, 1), last_only=False)
-    return logits[0, len(ids) - 1 :].argmax(-1).tolist()
+    """The engine's argmax after each prefix prompt + answer[:i], i = 0..len(answer)-1 (one
+    rank), computed exactly as generation does: the prompt prefilled, then one decode step per
+    answer token (the quantized kernels' path, with int8-quantized activations)."""
+    runner = engine.runner
+    runner.ensure_cache(1, len(ids) + len(answer) + 1)
+    choices = [int(runner.forward(torch.tensor([ids]), torch.arange(len(ids))[None], slice(0, 1))[0, -1].argmax())]
+    for i, tok in enumerate(answer[:-1]):
+        pos = torch.tensor([[len(ids) + i]])
+        choices.append(int(runner.forward(torch.tensor([[tok]]), pos, slice(0, 1))[0, -1].argmax()))
+    return choices
 
 
 def agreement(engine, prompts: list[list[int]], answers: list[list[int]]) -> tuple[int, int]:
