@@ -15,6 +15,7 @@ from typing import Iterator, Sequence as Seq
 
 import torch
 
+from . import __version__
 from . import cut as cutmod
 from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
 from .config import ModelArgs
@@ -262,7 +263,8 @@ def _round_up(n: int, step: int, cap: int) -> int:
 def _cache_key(path: Path, world_size: int, dtype: torch.dtype, quant: str | None) -> str:
     """Identity of a cut in the cache: the source file's path, size and mtime, and the cut's settings."""
     files = sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else [path]
-    ident = [str(path.resolve()), str(world_size), str(dtype), str(quant)]
+    # the tool version and the parts' format: a cut made by an older tpllama is not reused
+    ident = [str(path.resolve()), str(world_size), str(dtype), str(quant), __version__, cutmod.FORMAT, "stored-form-2"]
     ident += [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
     return hashlib.sha256("|".join(ident).encode()).hexdigest()[:16]
 
