@@ -132,6 +132,10 @@ def test_interrupted_cut_leaves_nothing_loadable_and_rerun_works(tiny_dirs, tmp_
 
 
 def test_uncut_checkpoint_is_cut_into_the_cache_once(tiny_dirs, tmp_path, monkeypatch):
+    real = Path(os.environ.get("TPLLAMA_CACHE") or Path.home() / ".cache" / "tpllama")
+    (real / "ext").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "ext").symlink_to(real / "ext")  # reuse the built extensions
     monkeypatch.setenv("TPLLAMA_CACHE", str(tmp_path / "cache"))
     with tpllama.load(tiny_dirs["gqa6"], world_size=3) as engine:
         first = engine.generate([[5, 6, 7]], max_new_tokens=5)
