@@ -8,10 +8,8 @@ Directories are kept in the cache (``$TPLLAMA_CACHE/synthetic/``) and reused.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -19,10 +17,9 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
 from .checkpoint import EMBED, expected_shapes
 from .config import ModelArgs
-from .cut import FORMAT, MANIFEST, SafetensorsStreamWriter, is_cut_dir
+from .cut import FORMAT, SafetensorsStreamWriter, is_cut_dir, publish, write_manifest
 from .default_model import sha256_file
 from .loading import is_linear
 from .shard import RankShare, feature_range, plan, split_rule
@@ -147,28 +144,9 @@ def write_synthetic(name: str, world_size: int, dtype: torch.dtype, quant: str |
             (p / "part.json").write_text(json.dumps({"rank": share.rank, "world_size": world_size, "share": share.to_json()}))
             files = {f.name: sha256_file(f) for f in sorted(p.iterdir()) if f.is_file()}
             ranks.append({"share": share.to_json(), "files": files})
-        manifest = {
-            "format": FORMAT,
-            "tool_version": __version__,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "world_size": world_size,
-            "dtype": str(dtype).removeprefix("torch."),
-            "quant": quant or "none",
-            "source": {"path": f"synthetic:{name}", "kind": "synthetic", "init": f"normal(0, {INIT_STD}), norms 1"},
-            "split": {
-                "heads": "whole KV groups, balanced",
-                "q,k,v,gate,up": "output features (dim 0)",
-                "o,down": "input features (dim 1)",
-                "lm_head": "vocabulary rows (dim 0); logits gathered",
-                "embedding, norms": "replicated",
-            },
-            "config": args.to_hf_config(),
-            "ranks": ranks,
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        source = {"path": f"synthetic:{name}", "kind": "synthetic", "init": f"normal(0, {INIT_STD}), norms 1"}
+        write_manifest(tmp, world_size, dtype, quant, source, args, ranks)
+        publish(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

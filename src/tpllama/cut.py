@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
+from .checkpoint import Checkpoint, CheckpointError, expected_shapes, open_checkpoint
 from .config import ModelArgs
 from .default_model import sha256_file
 from .loading import stored_tensors
@@ -106,7 +106,7 @@ def cut(
             p.mkdir(parents=True)
             writers.append(SafetensorsStreamWriter(p / "model.safetensors"))
         tensors = stored_tensors(ckpt, dtype, quant)
-        bar = _progress(len(_expected_count(ckpt, quant)), f"cutting into {world_size}", progress)
+        bar = _progress(len(expected_shapes(args)), f"cutting into {world_size}", progress)
         last_module = None
         for name, t, in_features in tensors:
             for share, w in zip(shares, writers):
@@ -128,38 +128,43 @@ def cut(
                 copy_tokenizer_files(tok_src, p)
             files = {f.name: sha256_file(f) for f in sorted(p.iterdir()) if f.is_file()}
             ranks.append({"share": share.to_json(), "files": files})
-        manifest = {
-            "format": FORMAT,
-            "tool_version": __version__,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "world_size": world_size,
-            "dtype": str(dtype).removeprefix("torch."),
-            "quant": quant or "none",
-            "source": {"path": str(ckpt.path), "kind": ckpt.kind},
-            "split": {
-                "heads": "whole KV groups, balanced",
-                "q,k,v,gate,up": "output features (dim 0)",
-                "o,down": "input features (dim 1)",
-                "lm_head": "vocabulary rows (dim 0); logits gathered",
-                "embedding, norms": "replicated",
-            },
-            "config": args.to_hf_config(),
-            "ranks": ranks,
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(tmp, output)
+        write_manifest(tmp, world_size, dtype, quant, {"path": str(ckpt.path), "kind": ckpt.kind}, args, ranks)
+        publish(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return output
 
 
-def _expected_count(ckpt: Checkpoint, quant: str | None) -> list[str]:
-    from .checkpoint import expected_shapes
+def write_manifest(directory: Path, world_size: int, dtype: torch.dtype, quant: str | None, source: dict,
+                   args: ModelArgs, ranks: list[dict]) -> None:
+    """DIR/manifest.json: what each rank holds and the sha256 of its files (``ranks``)."""
+    manifest = {
+        "format": FORMAT,
+        "tool_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "world_size": world_size,
+        "dtype": str(dtype).removeprefix("torch."),
+        "quant": quant or "none",
+        "source": source,
+        "split": {
+            "heads": "whole KV groups, balanced",
+            "q,k,v,gate,up": "output features (dim 0)",
+            "o,down": "input features (dim 1)",
+            "lm_head": "vocabulary rows (dim 0); logits gathered",
+            "embedding, norms": "replicated",
+        },
+        "config": args.to_hf_config(),
+        "ranks": ranks,
+    }
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
-    return list(expected_shapes(ckpt.args))
+
+def publish(tmp: Path, target: Path) -> None:
+    """Replace ``target`` with the finished temporary directory ``tmp`` (a rename)."""
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
 
 
 def _tokenizer_source(ckpt: Checkpoint) -> Path | None:
