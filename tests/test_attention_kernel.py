@@ -8,7 +8,8 @@ from tpllama.model import decode_attention
 
 
 @pytest.mark.skipif(not kernels.available(), reason="AVX2 kernels cannot be built on this machine")
-@pytest.mark.parametrize("B,H,Hkv,L,D", [(1, 9, 3, 300, 64), (3, 6, 2, 50, 64), (2, 5, 1, 17, 32), (4, 8, 8, 9, 16)])
+@pytest.mark.parametrize("B,H,Hkv,L,D", [(1, 9, 3, 300, 64), (3, 6, 2, 50, 64), (2, 5, 1, 17, 32), (4, 8, 8, 9, 16),
+                                         (2, 9, 3, 1100, 64)])
 def test_kernel_matches_torch(B, H, Hkv, L, D):
     g = torch.Generator().manual_seed(B * 100 + L)
     cache_k = torch.randn(B + 1, Hkv, 64 + L, D, generator=g)
@@ -20,5 +21,19 @@ def test_kernel_matches_torch(B, H, Hkv, L, D):
     lengths[0] = L
     mask = (torch.arange(L)[None, :] < lengths[:, None])[:, None, None, :]
     expected = decode_attention(q, keys, values, mask)
+    got = decode_attention(q, keys, values, mask, lengths)
+    assert (got - expected).abs().max().item() < 1e-5
+
+
+@pytest.mark.skipif(not kernels.available(), reason="AVX2 kernels cannot be built on this machine")
+def test_kernel_reads_float16_cache():
+    """A float16 KV cache gives the float32 result of the same (rounded) keys and values."""
+    g = torch.Generator().manual_seed(7)
+    keys = torch.randn(2, 3, 600, 64, generator=g).half()
+    values = torch.randn(2, 3, 600, 64, generator=g).half()
+    q = torch.randn(2, 9, 1, 64, generator=g)
+    lengths = torch.tensor([600, 257])
+    mask = (torch.arange(600)[None, :] < lengths[:, None])[:, None, None, :]
+    expected = decode_attention(q, keys.float(), values.float(), mask)
     got = decode_attention(q, keys, values, mask, lengths)
     assert (got - expected).abs().max().item() < 1e-5

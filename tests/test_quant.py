@@ -292,3 +292,18 @@ def test_float32_scales_accepted():
 def test_bench_matvec_smoke():
     r = kernels.bench_matvec(64, 128, "int8", threads=1, min_time=0.01, probe_bytes=1 << 22)
     assert r["gbps"] > 0 and r["probe_gbps"] > 0 and r["kernel"]
+
+
+@needs_kernels
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("out,kin", [(37, 96), (130, 576)])
+def test_float_activation_kernel_is_exact(m, out, kin, monkeypatch):
+    """float_activations (the lm_head): int8 weights times float32 activations, no activation
+    rounding, so it matches the float fallback to float32 summation error."""
+    mod = quantize_weight(_w(out, kin, seed=out), "int8")
+    mod.float_activations = True
+    x = torch.randn(m, kin, generator=torch.Generator().manual_seed(m))
+    got = mod(x)
+    torch.testing.assert_close(got, _fallback(mod, x, monkeypatch), rtol=1e-5, atol=1e-5)
+    mod.float_activations = False  # the int8-activation kernel is measurably further off
+    assert (mod(x) - got).abs().max() > 1e-4

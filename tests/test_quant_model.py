@@ -58,7 +58,9 @@ def test_gguf_blocks_imported_natively_and_tp_agrees(smol_gguf, tmp_path):
         ids = torch.tensor([engine.encode_chat([{"role": "user", "content": "What is the capital of France?"}])])
         layer = engine.runner.model.layers[0]
         assert layer.feed_forward.w_gate_up.scheme == "int4" and layer.attention.wqkv.scheme == "int4"
-        assert isinstance(engine.runner.model.output, torch.nn.Linear)  # the lm_head stays float
+        head = engine.runner.model.output  # the Q8_0 embedding re-quantizes to its own blocks
+        assert head.scheme == "int8" and head.float_activations
+        assert torch.equal(head.dequantize(), engine.runner.model.tok_embeddings.weight)
         one = engine.generate(ids, max_new_tokens=24, ignore_eos=True)
         text = engine.tokenizer.decode(one[0, ids.shape[1]:])
     assert "Paris" in text

@@ -46,11 +46,10 @@ def parse_quant(scheme: str | None) -> str | None:
 
 
 def is_linear(name: str) -> bool:
-    """True for the weights that may be quantized: the layers' linear projections.
+    """True for the weights that are stored quantized: the layers' linear projections.
 
-    The lm_head stays float: the quantized kernels quantize their activations to int8, and on
-    the lm_head that flips greedy choices (measured: SmolLM2 answered "What is the capital of
-    France?" wrongly with an int8 lm_head, correctly with a float one)."""
+    The lm_head is stored float (it is usually the tied embedding) and quantized when the model
+    is assembled (``int8_head``)."""
     return name.endswith("_proj.weight")
 
 
@@ -58,7 +57,7 @@ def quantized_linear(ckpt: Checkpoint, name: str, scheme: str):
     """A QuantLinear for ``name``, or None if its shape does not allow one.
 
     GGUF blocks are imported as they are (no float detour) when they are already of ``scheme``'s
-    kind, and Q8_0 blocks are also kept as they are under int4 rather than degraded. The lm_head
+    kind, and Q8_0 blocks are also kept as they are under int4 rather than degraded.
     """
     blocks = ckpt.read_blocks(name)
     if blocks is not None:
@@ -169,8 +168,24 @@ def assemble(
         model.output.weight = nn.Parameter(model.tok_embeddings.weight[start:end], requires_grad=False)
     else:
         model.output = module(_fuse([_to(_linear(tensors, "lm_head"), dtype)]))
+    if _blocks_quantized(model) and isinstance(model.output, nn.Linear) and args.dim % quantmod.BLOCK == 0:
+        model.output = module(int8_head(model.output.weight))
     model.setup_rope(device)
     return model
+
+
+def _blocks_quantized(model: Transformer) -> bool:
+    return any(isinstance(m, quantmod.QuantLinear) for m in model.layers.modules())
+
+
+def int8_head(weight: torch.Tensor) -> quantmod.Int8Linear:
+    """The lm_head of a quantized model: int8 weights (blocks of 32, float16 scales; lossless for a
+    GGUF Q8_0 embedding, which re-quantizes to the very same blocks) used with float32
+    activations. Rounding the activations too flips greedy choices: SmolLM2 answered "What is
+    the capital of France?" wrongly with int8 activations, correctly with float ones."""
+    head = quantmod.quantize_weight(weight.detach(), "int8")
+    head.float_activations = True
+    return head
 
 
 def _to(w, dtype):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelArgs, rope_inv_freq
+from .quant import DECODE_MAX_ROWS
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
@@ -198,6 +199,10 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps, device, dtype)
         self.output = nn.Linear(args.dim, self.local.vocab_rows, bias=False, device=device, dtype=dtype)
         self.cache: KVCache | None = None
+        # Decode steps through the fused C++ blocks when possible (see tpllama.fused); built on the
+        # first decode step from the weights then in place.
+        self.fused_decode = True
+        self.fused = None
         self.rope_cos: torch.Tensor | None = None
         self.rope_sin: torch.Tensor | None = None
 
@@ -252,6 +257,16 @@ class Transformer(nn.Module):
         sin = self.rope_sin[positions].unsqueeze(2)
         if cos.dtype != self.norm.weight.dtype:
             cos, sin = cos.to(self.norm.weight.dtype), sin.to(self.norm.weight.dtype)
+
+        if T == 1 and tokens.device.type == "cpu" and B <= DECODE_MAX_ROWS:
+            from .fused import fused_layers
+
+            fused = fused_layers(self)
+            if fused is not None:
+                slots = rows if isinstance(rows, torch.Tensor) else torch.arange(rows.start, rows.start + B)
+                h = fused(self.tok_embeddings(tokens[:, 0]), self.rope_cos, self.rope_sin, cache,
+                          slots.contiguous(), positions[:, 0].contiguous(), self.reduce)
+                return self.gather_vocab(self.output(self.norm(h)).unsqueeze(1)).float()
 
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):

@@ -312,9 +312,14 @@ class Int8Linear(QuantLinear):
         w = q.to(torch.float32) * s.to(torch.float32).unsqueeze(-1)  # [tiles, nb, 4, 32]
         return w.permute(0, 2, 1, 3).reshape(tiles * TILE, nb * BLOCK)
 
+    # True on layers whose activations must not be rounded to int8 (the lm_head): the decode
+    # kernel then multiplies the int8 weights with the float32 activations.
+    float_activations = False
+
     def _kernel_matvec(self, k, x):
         b = self._buffers
-        return k.q8_matvec(x, b["qpack"], b["spack"], self.out_features)
+        matvec = k.q8f_matvec if self.float_activations else k.q8_matvec
+        return matvec(x, b["qpack"], b["spack"], self.out_features)
 
     def _kernel_dequant(self, k, t0, t1):
         return k.q8_dequant(self.qpack[t0:t1], self.spack[t0:t1])

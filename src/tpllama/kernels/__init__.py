@@ -35,7 +35,7 @@ __all__ = ["available", "get", "bench_matvec", "build_dir", "build_extension"]
 log = logging.getLogger(__name__)
 
 _SOURCES = ("matvec_avx2.cpp",)
-_INCLUDES = ("attention_avx2.inc",)  # #included by the sources: part of the build hash
+_INCLUDES = ("attention_avx2.inc", "decode_layer.inc")  # #included by the sources: part of the build hash
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-DNDEBUG"]
 _LDFLAGS = ["-fopenmp"]
 

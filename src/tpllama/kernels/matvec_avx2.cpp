@@ -25,6 +25,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -410,11 +412,21 @@ torch::Tensor q4_dequant(torch::Tensor qpack, torch::Tensor spack, torch::Tensor
 }
 
 #include "attention_avx2.inc"
+#include "decode_layer.inc"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q8_matvec", &q8_matvec, "y = x @ dequant_int8(W)^T with int8-quantized activations (AVX2)");
   m.def("q4_matvec", &q4_matvec, "y = x @ dequant_int4(W)^T with int8-quantized activations (AVX2)");
   m.def("q8_dequant", &q8_dequant, "dequantize packed int8 tiles to float32 [T*4, K]");
   m.def("q4_dequant", &q4_dequant, "dequantize packed int4 tiles to float32 [T*4, K]");
+  m.def("q8f_matvec", &q8f_matvec, "y = x @ dequant_int8(W)^T with float32 activations (AVX2)");
   m.def("decode_attention", &decode_attention, "single-query GQA attention over the KV cache (AVX2)");
+  py::class_<PackedLinear>(m, "PackedLinear")
+      .def(py::init<torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, int64_t>(), py::arg("qpack"),
+           py::arg("spack"), py::arg("mpack"), py::arg("out_features"));
+  py::class_<DecodeLayer>(m, "DecodeLayer")
+      .def(py::init<torch::Tensor, torch::Tensor, double, PackedLinear, PackedLinear, PackedLinear, PackedLinear, int64_t,
+                    int64_t, int64_t>())
+      .def("attention", &DecodeLayer::attention, "attention half of a block for one new token per row")
+      .def("mlp", &DecodeLayer::mlp, "MLP half of a block for one new token per row");
 }
