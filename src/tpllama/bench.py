@@ -331,12 +331,13 @@ def main(a) -> int:
     from .cli import world_size_of
     from .default_model import default_model_path
     from .engine import _round_up
-    from .loading import parse_dtype, parse_quant
+    from .loading import parse_dtype, parse_kv_cache, parse_quant
     from .shard import plan
 
     _check_flags(a)
     dtype = parse_dtype(a.dtype)
     quant = parse_quant(a.quant)
+    parse_kv_cache(a.kv_cache)
     ws = world_size_of(a)
     progress = not a.no_progress
     probe_bytes = a.probe_mib << 20
@@ -377,11 +378,12 @@ def main(a) -> int:
     # ---- tpllama
     rows = []
     with load(path, world_size=ws, dtype=dtype, quant=quant, device=a.device, threads=a.threads, timeout_s=a.timeout,
-              progress=progress) as engine:
+              progress=progress, kv_cache=a.kv_cache) as engine:
         tpr = int(engine.info.get("threads_per_rank") or torch.get_num_threads())
         total_threads = tpr * engine.world_size
         dev = engine.runner.device
-        print(f"tpllama bench: {model_label}, {engine.info['dtype']}, quant {engine.info['quant']}, on {dev}")
+        print(f"tpllama bench: {model_label}, {engine.info['dtype']}, quant {engine.info['quant']}, "
+              f"KV cache {engine.info['kv_cache']}, on {dev}")
         print(f"threads: {engine.world_size} rank(s) x {tpr} thread(s) = {total_threads}"
               + (f"; transformers: 1 process x {total_threads} thread(s)" if a.compare else ""))
         for s in engine.shares:
@@ -410,7 +412,9 @@ def main(a) -> int:
                   hardware=f"{device_name(dev)}; tpllama {engine.world_size} rank(s) x {tpr} thread(s)",
                   dtype=engine.info["dtype"], quant=engine.info["quant"], world_size=engine.world_size,
                   threads_per_rank=tpr, threads_total=total_threads, memory=memory)
-        rows.append(add_roofline(tp, step_bytes(args, engine.shares, dtype, bpw, a.batch, ctx), probe))
+        kv_dtype = parse_dtype(engine.info["kv_cache"])
+        tp["kv_cache"] = engine.info["kv_cache"]
+        rows.append(add_roofline(tp, step_bytes(args, engine.shares, dtype, bpw, a.batch, ctx, kv_dtype), probe))
         layout = {"world_size": engine.world_size, "threads_per_rank": tpr, "threads_total": total_threads,
                   "device": str(dev), "backend": engine.info.get("backend"), "launcher": engine.info.get("launcher"),
                   "parts": engine.info.get("parts"), "shares": [s.to_json() for s in engine.shares]}

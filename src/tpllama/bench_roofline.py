@@ -97,9 +97,11 @@ def linear_shapes(args: ModelArgs, share: RankShare) -> dict[str, tuple[int, int
 
 # ---------------------------------------------------------------------- per decode step
 def step_bytes(args: ModelArgs, shares: list[RankShare], dtype: torch.dtype, bpw: dict[str, float],
-               batch: int, context: float) -> dict:
-    """Bytes one decode step reads (all ranks together and per rank) at ``context`` cached tokens."""
+               batch: int, context: float, kv_dtype: torch.dtype | None = None) -> dict:
+    """Bytes one decode step reads (all ranks together and per rank) at ``context`` cached tokens;
+    the KV cache holds ``kv_dtype`` elements (default ``dtype``)."""
     elem = torch.empty((), dtype=dtype).element_size()
+    kv_elem = torch.empty((), dtype=kv_dtype or dtype).element_size()
     ranks = []
     for s in shares:
         shapes = linear_shapes(args, s)
@@ -107,7 +109,7 @@ def step_bytes(args: ModelArgs, shares: list[RankShare], dtype: torch.dtype, bpw
         lm_head = bpw["output"] * shapes["output"][0] * shapes["output"][1]
         norms = (2 * args.n_layers + 1) * args.dim * elem
         embed_rows = batch * args.dim * elem
-        kv = 2 * args.n_layers * s.n_kv_heads * args.head_dim * context * elem * batch
+        kv = 2 * args.n_layers * s.n_kv_heads * args.head_dim * context * kv_elem * batch
         weights = layers + lm_head + norms + embed_rows
         ranks.append({"rank": s.rank, "weight_bytes": int(weights), "kv_bytes": int(kv),
                       "linear_bytes": int(layers), "lm_head_bytes": int(lm_head)})

@@ -25,6 +25,9 @@ def add_model_args(p: argparse.ArgumentParser, default_world_size: int = 1) -> N
     g.add_argument("--quant", default="auto",
                    help="weights: auto (keep a GGUF file's own Q8_0/Q4_0/Q4_1 blocks, others float; the default) | "
                         "none (all float) | int8 | int4")
+    g.add_argument("--kv-cache", default="auto",
+                   help="KV cache element type: auto (float16 for quantized weights on the CPU, else --dtype; the "
+                        "default) | float32 | float16")
     g.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     g.add_argument("--threads", type=int, default=None, help="threads per rank (default: cores / ranks)")
     g.add_argument("--timeout", type=float, default=60.0, help="seconds before a stuck rank is declared dead (default 60)")
@@ -61,7 +64,7 @@ def open_engine(a: argparse.Namespace, progress: bool = True):
     from . import load
 
     return load(a.model, world_size=world_size_of(a), dtype=a.dtype, quant=a.quant, device=a.device,
-                threads=a.threads, timeout_s=a.timeout, progress=progress)
+                threads=a.threads, timeout_s=a.timeout, progress=progress, kv_cache=a.kv_cache)
 
 
 def is_rank0() -> bool:

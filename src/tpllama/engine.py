@@ -22,7 +22,7 @@ from .config import ModelArgs
 from .default_model import cache_dir, default_model_path
 from .dist import DEFAULT_TIMEOUT_S, DistContext, RankFailure, Workers, init_ranks, launched_by_torchrun, pick_device
 from .generate import Decoder, SamplingParams, Sequence, generate_batch
-from .loading import assemble, parse_dtype, parse_quant, rank_slice
+from .loading import assemble, kv_dtype_for, parse_dtype, parse_kv_cache, parse_quant, rank_slice
 from .runner import Runner, follow
 from .shard import RankShare, plan
 from .tokenizer import Tokenizer, gguf_tokenizer_dir, load_hf_tokenizer
@@ -308,6 +308,7 @@ def load(
     threads: int | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     progress: bool = False,
+    kv_cache: str = "auto",
 ) -> Engine:
     """Load a model on ``world_size`` ranks and return the engine (on rank 0).
 
@@ -315,10 +316,12 @@ def load(
     the default model. With world_size > 1 and an uncut checkpoint, it is cut into the cache
     first (once). Ranks 1..N-1 are started as child processes, unless this process was
     started by torchrun: then every process calls ``load``, ranks 1..N-1 serve rank 0 inside
-    it and exit when rank 0 closes its engine.
+    it and exit when rank 0 closes its engine. ``kv_cache``: auto | float32 | float16, the KV
+    cache's element type (auto: float16 for quantized float32 models on the CPU, else ``dtype``).
     """
     torch_dtype = parse_dtype(dtype)
     quant = parse_quant(quant)
+    kv_cache = parse_kv_cache(kv_cache)
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
     if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
@@ -331,7 +334,7 @@ def load(
     src = Path(path).expanduser() if path is not None else default_model_path(quiet=not progress)
 
     if world_size == 1 and not torchrun and not cutmod.is_cut_dir(src):
-        return _load_single(src, torch_dtype, quant, device, threads)
+        return _load_single(src, torch_dtype, quant, device, threads, kv_cache)
 
     rank = int(os.environ["RANK"]) if torchrun else 0
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) if torchrun else world_size
@@ -374,9 +377,11 @@ def load(
     info = {"path": str(src), "parts": str(parts), "dtype": str(torch_dtype).removeprefix("torch."), "quant": quant or "none",
             "threads_per_rank": threads, "device": str(ctx.device), "backend": "shared memory" if ctx.shm is not None else torch.distributed.get_backend(ctx.compute),
             "launcher": "torchrun" if torchrun else "tpllama"}
+    kv_dtype = kv_dtype_for(model, kv_cache)
+    info["kv_cache"] = str(kv_dtype).removeprefix("torch.")
     for s in shares:
         log.info(s.describe())
-    return Engine(args, Runner(model, ctx), tokenizer, shares, workers, ctx, info)
+    return Engine(args, Runner(model, ctx, kv_dtype), tokenizer, shares, workers, ctx, info)
 
 
 def _load_rank(parts: Path, rank: int, world_size: int, dtype: torch.dtype, ctx: DistContext):
@@ -406,7 +411,8 @@ def _agree_loaded(ctx: DistContext, err: str | None, workers: Workers | None) ->
         raise (cutmod.CheckpointError(first) if "CheckpointError" in first else RankFailure(first))
 
 
-def _load_single(src: Path, dtype: torch.dtype, quant: str | None, device: str | None, threads: int | None) -> Engine:
+def _load_single(src: Path, dtype: torch.dtype, quant: str | None, device: str | None, threads: int | None,
+                 kv_cache: str) -> Engine:
     """One rank in this process, straight from the checkpoint (no cut)."""
     if threads:
         torch.set_num_threads(threads)
@@ -419,4 +425,6 @@ def _load_single(src: Path, dtype: torch.dtype, quant: str | None, device: str |
     tokenizer = _tokenizer_for(src, ckpt, args)
     info = {"path": str(src), "parts": None, "dtype": str(dtype).removeprefix("torch."), "quant": quant or "none",
             "threads_per_rank": torch.get_num_threads(), "device": str(dev), "backend": None, "launcher": "in-process"}
-    return Engine(args, Runner(model), tokenizer, [share], None, None, info)
+    kv_dtype = kv_dtype_for(model, kv_cache)
+    info["kv_cache"] = str(kv_dtype).removeprefix("torch.")
+    return Engine(args, Runner(model, None, kv_dtype), tokenizer, [share], None, None, info)

@@ -45,6 +45,28 @@ def parse_quant(scheme: str | None) -> str | None:
     return scheme
 
 
+KV_CACHE_CHOICES = ("auto", "float32", "float16")
+
+
+def parse_kv_cache(choice: str | None) -> str:
+    if choice is None:
+        return "auto"
+    if choice not in KV_CACHE_CHOICES:
+        raise ValueError(f"kv_cache {choice!r} is not supported; allowed: {', '.join(KV_CACHE_CHOICES)}")
+    return choice
+
+
+def kv_dtype_for(model: Transformer, choice: str) -> torch.dtype:
+    """The KV cache element type for ``choice`` (see parse_kv_cache). ``auto``: float16 for a
+    float32 model on the CPU whose blocks are quantized (the decode kernels read float16 keys and
+    values at half the bytes, as llama.cpp's default cache does), else the model's dtype."""
+    dtype = model.norm.weight.dtype
+    if choice == "auto":
+        fast = dtype == torch.float32 and model.norm.weight.is_cpu and _blocks_quantized(model)
+        return torch.float16 if fast else dtype
+    return DTYPES[choice]
+
+
 def is_linear(name: str) -> bool:
     """True for the weights that are stored quantized: the layers' linear projections.
 

@@ -117,20 +117,22 @@ class Attention(nn.Module):
                 values[:, :, length - 1 : length] = v
             else:
                 row_index = torch.arange(B, device=x.device)[:, None]
-                keys[row_index, :, positions] = k.transpose(1, 2)
-                values[row_index, :, positions] = v.transpose(1, 2)
+                keys[row_index, :, positions] = k.transpose(1, 2).to(keys.dtype)
+                values[row_index, :, positions] = v.transpose(1, 2).to(values.dtype)
             keys, values = keys[:, :, :length], values[:, :, :length]
         else:
-            cache_k[rows[:, None], :, positions] = k.transpose(1, 2)
-            cache_v[rows[:, None], :, positions] = v.transpose(1, 2)
+            cache_k[rows[:, None], :, positions] = k.transpose(1, 2).to(cache_k.dtype)
+            cache_v[rows[:, None], :, positions] = v.transpose(1, 2).to(cache_v.dtype)
             keys, values = cache_k[rows, :, :length], cache_v[rows, :, :length]
 
         if T == 1:
             out = decode_attention(q, keys, values, mask, positions[:, 0] + 1)
-        elif mask is None:
-            out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=True)
         else:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+            keys, values = keys.to(q.dtype), values.to(q.dtype)  # no-op unless the cache is float16
+            if mask is None:
+                out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=True)
+            else:
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * D))
 
 
@@ -147,6 +149,7 @@ def decode_attention(q, keys, values, mask, lengths=None):
         ext = kernels.get()
         if ext is not None and D % 8 == 0:
             return ext.decode_attention(q.view(B, H, D), keys, values, lengths, D**-0.5).view(B, H, 1, D)
+    keys, values = keys.to(q.dtype), values.to(q.dtype)
     qg = q.view(B, hkv, H // hkv, D)
     scores = torch.matmul(qg, keys.transpose(-1, -2)) * (D**-0.5)  # [B, Hkv, G, L]
     if mask is not None:
@@ -203,6 +206,9 @@ class Transformer(nn.Module):
         # first decode step from the weights then in place.
         self.fused_decode = True
         self.fused = None
+        # KV cache element type; None = the model's dtype. float16 halves the bytes a decode step
+        # reads at long contexts (keys/values are rounded when written, computed in float32).
+        self.kv_dtype: torch.dtype | None = None
         self.rope_cos: torch.Tensor | None = None
         self.rope_sin: torch.Tensor | None = None
 
@@ -220,11 +226,12 @@ class Transformer(nn.Module):
     def ensure_cache(self, slots: int, max_len: int) -> KVCache:
         """(Re)allocate the KV cache when it has fewer slots or columns than asked for."""
         c = self.cache
-        if c is None or c.slots < slots or c.max_len < max_len:
-            param = self.norm.weight
+        param = self.norm.weight
+        dtype = self.kv_dtype or param.dtype
+        if c is None or c.slots < slots or c.max_len < max_len or c.k.dtype != dtype:
             self.cache = None  # free the old buffers before allocating the new ones
             self.cache = KVCache(
-                self.args.n_layers, slots, self.local.n_kv_heads, max_len, self.args.head_dim, param.dtype, param.device
+                self.args.n_layers, slots, self.local.n_kv_heads, max_len, self.args.head_dim, dtype, param.device
             )
         return self.cache
 

@@ -13,7 +13,9 @@ import torch
 from .model import Transformer
 
 CMD_FORWARD, CMD_CACHE, CMD_STOP = 1, 2, 3
-HEADER = 6  # cmd, B, T, rows kind (0 slice / 1 index), rows start, cache columns
+HEADER = 6  # cmd, B, T, rows kind (0 slice / 1 index) or KV dtype code, rows start, cache columns
+KV_CODES = {None: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}  # CMD_CACHE's "kind"
+KV_DTYPES = {code: dtype for dtype, code in KV_CODES.items()}
 INLINE = 58  # payload words carried inside the header message (a decode step of up to 19 rows)
 MESSAGE = HEADER + INLINE
 
@@ -21,10 +23,11 @@ MESSAGE = HEADER + INLINE
 class Runner:
     """Runs the model for rank 0 (and, through ``ctx``, for the other ranks)."""
 
-    def __init__(self, model: Transformer, ctx=None):
+    def __init__(self, model: Transformer, ctx=None, kv_dtype: torch.dtype | None = None):
         self.model = model
         self.ctx = ctx
         self.device = model.norm.weight.device
+        self.kv_dtype = kv_dtype  # KV cache element type on every rank (None: the model's dtype)
 
     @property
     def distributed(self) -> bool:
@@ -43,7 +46,8 @@ class Runner:
 
     def ensure_cache(self, slots: int, max_len: int) -> None:
         if self.distributed:
-            self._send(CMD_CACHE, b=slots, cols=max_len)
+            self._send(CMD_CACHE, b=slots, kind=KV_CODES[self.kv_dtype], cols=max_len)
+        self.model.kv_dtype = self.kv_dtype
         self.model.ensure_cache(slots, max_len)
 
     @torch.inference_mode()
@@ -79,6 +83,7 @@ def follow(model: Transformer, ctx) -> None:
         if cmd == CMD_STOP:
             return
         if cmd == CMD_CACHE:
+            model.kv_dtype = KV_DTYPES[kind]
             model.ensure_cache(b, cols)
             continue
         if cmd != CMD_FORWARD:
