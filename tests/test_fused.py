@@ -97,3 +97,20 @@ def test_decode_layer_rejects_bad_inputs(long_q32):
             layer.attention(h, *args, torch.tensor([0]), torch.tensor([64]))
         with pytest.raises(RuntimeError, match="h must be"):
             layer.mlp(torch.zeros(1, model.args.dim + 1))
+
+
+def test_fused_blocks_rebuilt_after_new_weights(long_q32):
+    """Reloading weights drops the fused blocks (which hold the old tensors); the next decode step
+    builds them from the new ones."""
+    ids = torch.randint(3, 140, (1, 20), generator=torch.Generator().manual_seed(2))
+    with tpllama.load(long_q32, quant="int8") as engine:
+        model = engine.runner.model
+        first = engine.generate(ids, max_new_tokens=8, ignore_eos=True)
+        assert model.fused is not None
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        model.load_state_dict({k: (-v if k.endswith("qweight") else v) for k, v in state.items()})
+        assert model.fused is None
+        changed = engine.generate(ids, max_new_tokens=8, ignore_eos=True)
+        model.fused_decode = False
+        assert torch.equal(engine.generate(ids, max_new_tokens=8, ignore_eos=True), changed)
+    assert not torch.equal(first, changed)

@@ -203,9 +203,10 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, self.local.vocab_rows, bias=False, device=device, dtype=dtype)
         self.cache: KVCache | None = None
         # Decode steps through the fused C++ blocks when possible (see tpllama.fused); built on the
-        # first decode step from the weights then in place.
+        # first decode step from the weights then in place, dropped when weights are reloaded or moved.
         self.fused_decode = True
         self.fused = None
+        self.register_load_state_dict_post_hook(Transformer._drop_fused)
         # KV cache element type; None = the model's dtype. float16 halves the bytes a decode step
         # reads at long contexts (keys/values are rounded when written, computed in float32).
         self.kv_dtype: torch.dtype | None = None
@@ -213,6 +214,14 @@ class Transformer(nn.Module):
         self.rope_sin: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ set-up
+    @staticmethod
+    def _drop_fused(module, incompatible_keys=None) -> None:
+        module.fused = None
+
+    def _apply(self, fn, recurse=True):
+        self.fused = None
+        return super()._apply(fn, recurse)
+
     def setup_rope(self, device) -> None:
         """Precompute cos/sin ``[max_seq_len, D]`` in float32 as transformers does."""
         inv = rope_inv_freq(self.args).to(device)

@@ -26,7 +26,7 @@ def reference_answers(engine, prompts: list[list[int]], max_new_tokens: int) -> 
 def greedy_choices(engine, ids: list[int], answer: list[int]) -> list[int]:
     """The engine's argmax after each prefix prompt + answer[:i], i = 0..len(answer)-1 (one
     rank), computed exactly as generation does: the prompt prefilled, then one decode step per
-    answer token (the quantized kernels' path, with int8-quantized activations)."""
+    answer token (the fused quantized blocks, with int8-quantized activations)."""
     runner = engine.runner
     runner.ensure_cache(1, len(ids) + len(answer) + 1)
     choices = [int(runner.forward(torch.tensor([ids]), torch.arange(len(ids))[None], slice(0, 1))[0, -1].argmax())]
@@ -69,11 +69,13 @@ def main(a) -> int:
     for scheme in a.quant:
         with load(a.model, quant=scheme) as engine:
             same, total = agreement(engine, prompts, answers)
-        rows.append({"quant": scheme, "agree": same, "tokens": total, "agreement": same / max(1, total)})
-    print("| quant | tokens compared | same greedy token as float32 |")
-    print("|:--|--:|--:|")
+            kv = engine.info["kv_cache"]
+        rows.append({"quant": scheme, "kv_cache": kv, "agree": same, "tokens": total,
+                     "agreement": same / max(1, total)})
+    print("| quant | KV cache | tokens compared | same greedy token as float32 |")
+    print("|:--|:--|--:|--:|")
     for r in rows:
-        print(f"| {r['quant']} | {r['tokens']} | {100 * r['agreement']:.1f}% |")
+        print(f"| {r['quant']} | {r['kv_cache']} | {r['tokens']} | {100 * r['agreement']:.1f}% |")
     if a.json:
         from pathlib import Path
 
