@@ -156,7 +156,7 @@ def cmd_run(a: argparse.Namespace) -> int:
             print()
             print(seed_table(hardware_name(engine), m))
             print(f"\n(time to first token {m.ttft_s * 1000:.0f} ms; decode p50 {m.latency(0.5) * 1000:.1f} ms/token; "
-                  f"dtype {engine.info['dtype']}, quant {engine.info['quant']})")
+                  f"dtype {engine.info['dtype']}, quant {engine.info['quant']}, KV cache {engine.info['kv_cache']})")
     return 0
 
 

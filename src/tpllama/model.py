@@ -4,6 +4,8 @@ Nothing here knows about processes or torch.distributed: a tensor-parallel rank 
 built with smaller ``LocalSizes`` and given a ``reduce`` callable (sum over ranks, called after
 the attention output projection and after the MLP down projection) and a ``gather_vocab``
 callable (concatenate each rank's slice of the vocabulary logits). On one rank both are identity.
+Decode steps of quantized models on the CPU run the blocks through ``tpllama.fused`` (C++),
+with the same ``reduce`` calls.
 
 Shapes: B = rows in the batch, T = new tokens per row, L = keys attended, D = head_dim,
 H / Hkv = this rank's query / key-value heads, V_local = this rank's vocabulary rows.
@@ -264,6 +266,15 @@ class Transformer(nn.Module):
             raise RuntimeError("call setup_rope() and ensure_cache() before forward()")
         if rows is None:
             rows = slice(0, B)
+        if T == 1 and tokens.device.type == "cpu" and B <= DECODE_MAX_ROWS:  # a decode step
+            from .fused import fused_layers
+
+            fused = fused_layers(self)
+            if fused is not None:
+                slots = rows if isinstance(rows, torch.Tensor) else torch.arange(rows.start, rows.start + B)
+                h = fused(self.tok_embeddings(tokens[:, 0]), self.rope_cos, self.rope_sin, cache,
+                          slots.contiguous(), positions[:, 0].contiguous(), self.reduce)
+                return self.gather_vocab(self.output(self.norm(h)).unsqueeze(1)).float()
         length = int(positions.max()) + 1
         mask = None
         if not (B == 1 and int(positions[0, 0]) == 0) and not (B == 1 and T == 1):
@@ -273,16 +284,6 @@ class Transformer(nn.Module):
         sin = self.rope_sin[positions].unsqueeze(2)
         if cos.dtype != self.norm.weight.dtype:
             cos, sin = cos.to(self.norm.weight.dtype), sin.to(self.norm.weight.dtype)
-
-        if T == 1 and tokens.device.type == "cpu" and B <= DECODE_MAX_ROWS:
-            from .fused import fused_layers
-
-            fused = fused_layers(self)
-            if fused is not None:
-                slots = rows if isinstance(rows, torch.Tensor) else torch.arange(rows.start, rows.start + B)
-                h = fused(self.tok_embeddings(tokens[:, 0]), self.rope_cos, self.rope_sin, cache,
-                          slots.contiguous(), positions[:, 0].contiguous(), self.reduce)
-                return self.gather_vocab(self.output(self.norm(h)).unsqueeze(1)).float()
 
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
