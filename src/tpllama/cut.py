@@ -205,6 +205,15 @@ def check_world_size(directory: Path, manifest: dict, world_size: int) -> None:
         )
 
 
+def manifest_shares(directory: Path) -> list[RankShare]:
+    """What every rank of a cut holds, as recorded when it was cut."""
+    return [_share(entry) for entry in read_manifest(directory)["ranks"]]
+
+
+def _share(entry: dict) -> RankShare:
+    return RankShare(**{k: tuple(v) if isinstance(v, list) else v for k, v in entry["share"].items()})
+
+
 def load_part(directory: Path, rank: int, world_size: int, verify: bool = True):
     """(ModelArgs, RankShare, stored tensors, quant) of one rank, checked against the manifest."""
     from safetensors import safe_open
@@ -222,7 +231,7 @@ def load_part(directory: Path, rank: int, world_size: int, verify: bool = True):
             if got != digest:
                 raise CheckpointError(f"{f} is corrupt: sha256 {got} does not match the manifest's {digest}")
     args = ModelArgs.from_hf_config(manifest["config"])
-    share = RankShare(**{k: tuple(v) if isinstance(v, list) else v for k, v in entry["share"].items()})
+    share = _share(entry)
     tensors = {}
     try:
         with safe_open(str(part / "model.safetensors"), framework="pt") as fh:

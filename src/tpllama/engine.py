@@ -264,7 +264,7 @@ def _cache_key(path: Path, world_size: int, dtype: torch.dtype, quant: str | Non
     """Identity of a cut in the cache: the source file's path, size and mtime, and the cut's settings."""
     files = sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else [path]
     # the tool version and the parts' format: a cut made by an older tpllama is not reused
-    ident = [str(path.resolve()), str(world_size), str(dtype), str(quant), __version__, cutmod.FORMAT, "stored-form-2"]
+    ident = [str(path.resolve()), str(world_size), str(dtype), str(quant), __version__, cutmod.FORMAT, "stored-form-2", "plan-2"]
     ident += [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
     return hashlib.sha256("|".join(ident).encode()).hexdigest()[:16]
 
@@ -372,7 +372,7 @@ def load(
         follow(model, ctx)
         ctx.close()
         raise SystemExit(0)
-    shares = plan(args, world_size)
+    shares = cutmod.manifest_shares(parts)
     tokenizer = _tokenizer_for(parts, None, args)
     info = {"path": str(src), "parts": str(parts), "dtype": str(torch_dtype).removeprefix("torch."), "quant": quant or "none",
             "threads_per_rank": threads, "device": str(ctx.device), "backend": "shared memory" if ctx.shm is not None else torch.distributed.get_backend(ctx.compute),
@@ -389,7 +389,7 @@ def _load_rank(parts: Path, rank: int, world_size: int, dtype: torch.dtype, ctx:
     try:
         args, share, tensors, _quant = cutmod.load_part(parts, rank, world_size)
         model = assemble(args, share, tensors, dtype, ctx.device, ctx.all_reduce,
-                         ctx.gather_vocab([s.vocab_rows for s in plan(args, world_size)]))
+                         ctx.gather_vocab([s.vocab_rows for s in cutmod.manifest_shares(parts)]))
         return model, share, args, None
     except Exception as err:  # reported to every rank below
         return None, None, None, f"rank {rank}: {type(err).__name__}: {err}"

@@ -7,8 +7,10 @@ Rules (as in the seed): q/k/v/gate/up split along output features (dim 0), o_pro
 along input features (dim 1); norms and the token embedding are replicated; lm_head is split
 along the vocabulary (dim 0) so each rank reads only 1/N of the largest matrix of a small model
 per token, and rank 0 gathers the logits. Attention heads are split in whole KV groups, balanced
-(the first ``n_kv % N`` ranks get one more group); the FFN is split in blocks of 32 features so
-quantized blocks are never cut in half.
+(the last ``n_kv % N`` ranks get one more group: rank 0 also drives generation); the FFN is split
+in blocks of 32 features, so quantized blocks are never cut in half, and unevenly where the
+heads are uneven, so that every rank holds as nearly as possible the same number of layer
+weights (attention + FFN) and reads the same weight bytes per decode step.
 """
 
 from __future__ import annotations
@@ -64,14 +66,29 @@ class RankShare:
         return dataclasses.asdict(self)
 
 
-def _balanced(total_units: int, world_size: int) -> list[tuple[int, int]]:
-    base, extra = divmod(total_units, world_size)
+def _ranges(counts: list[int]) -> list[tuple[int, int]]:
     ranges, start = [], 0
-    for r in range(world_size):
-        n = base + (1 if r < extra else 0)
+    for n in counts:
         ranges.append((start, start + n))
         start += n
     return ranges
+
+
+def _kv_groups(n_kv_heads: int, world_size: int) -> list[tuple[int, int]]:
+    """Whole KV groups, as even as possible; the extra groups go to the last ranks."""
+    base, extra = divmod(n_kv_heads, world_size)
+    return _ranges([base + (1 if r >= world_size - extra else 0) for r in range(world_size)])
+
+
+def _ffn_units(fixed: list[int], units: int, per_unit: int) -> list[int]:
+    """Split ``units`` FFN blocks (``per_unit`` weights each, at least one per rank) so that
+    ``fixed[r]`` + rank r's FFN weights are as equal as possible: each block in turn goes to the
+    rank holding the fewest weights (ties: the lowest rank)."""
+    counts = [1] * len(fixed)
+    for _ in range(units - len(fixed)):
+        r = min(range(len(fixed)), key=lambda i: (fixed[i] + counts[i] * per_unit, i))
+        counts[r] += 1
+    return counts
 
 
 def plan(args: ModelArgs, world_size: int) -> list[RankShare]:
@@ -86,10 +103,14 @@ def plan(args: ModelArgs, world_size: int) -> list[RankShare]:
     unit = FFN_ALIGN if args.ffn_dim % FFN_ALIGN == 0 else 1
     if args.ffn_dim // unit < world_size:
         raise ShardError(f"FFN width {args.ffn_dim} is too small to split over {world_size} ranks")
-    kv = _balanced(args.n_kv_heads, world_size)
-    ffn = [(a * unit, b * unit) for a, b in _balanced(args.ffn_dim // unit, world_size)]
-    vocab = _balanced(args.vocab_size, world_size)
     g = args.group_size
+    kv = _kv_groups(args.n_kv_heads, world_size)
+    # weights per layer: q, o (g query heads per KV head) and k, v of each KV group; 3 per FFN feature
+    attention = [(b - a) * (2 * g + 2) * args.head_dim * args.dim for a, b in kv]
+    counts = _ffn_units(attention, args.ffn_dim // unit, 3 * args.dim * unit)
+    ffn = [(a * unit, b * unit) for a, b in _ranges(counts)]
+    base, extra = divmod(args.vocab_size, world_size)
+    vocab = _ranges([base + (1 if r < extra else 0) for r in range(world_size)])
     return [
         RankShare(r, world_size, kv[r], (kv[r][0] * g, kv[r][1] * g), ffn[r], vocab[r]) for r in range(world_size)
     ]
