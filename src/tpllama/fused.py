@@ -28,7 +28,6 @@ class FusedLayers:
 
     def __init__(self, model, ext):
         args = model.args
-        self.ext = ext
         self.layers = []
         for block in model.layers:
             att, ffn = block.attention, block.feed_forward
