@@ -390,9 +390,20 @@ def _load_rank(parts: Path, rank: int, world_size: int, dtype: torch.dtype, ctx:
         args, share, tensors, _quant = cutmod.load_part(parts, rank, world_size)
         model = assemble(args, share, tensors, dtype, ctx.device, ctx.all_reduce,
                          ctx.gather_vocab([s.vocab_rows for s in cutmod.manifest_shares(parts)]))
+        _prepare_kernels(model)
         return model, share, args, None
     except Exception as err:  # reported to every rank below
         return None, None, None, f"rank {rank}: {type(err).__name__}: {err}"
+
+
+def _prepare_kernels(model) -> None:
+    """Build (first use, about a minute) or load the CPU kernels now, while loading, rather than in
+    the first decode step: there, one rank building while the other waits in an all-reduce would
+    run into the compute timeout."""
+    if model.norm.weight.is_cpu:
+        from . import kernels
+
+        kernels.get()
 
 
 def _agree_loaded(ctx: DistContext, err: str | None, workers: Workers | None) -> None:
@@ -422,6 +433,7 @@ def _load_single(src: Path, dtype: torch.dtype, quant: str | None, device: str |
     share = plan(args, 1)[0]
     dev = pick_device(device, 0)
     model = assemble(args, share, rank_slice(ckpt, share, dtype, quant), dtype, dev)
+    _prepare_kernels(model)
     tokenizer = _tokenizer_for(src, ckpt, args)
     info = {"path": str(src), "parts": None, "dtype": str(dtype).removeprefix("torch."), "quant": quant or "none",
             "threads_per_rank": torch.get_num_threads(), "device": str(dev), "backend": None, "launcher": "in-process"}
