@@ -88,6 +88,22 @@ def test_bad_load_options(tiny_dirs, kwargs, match):
         tpllama.load(tiny_dirs["gqa6"], **kwargs)
 
 
+@pytest.mark.parametrize("device,match", [
+    ("tpu", "device 'tpu' is not understood; allowed: cpu, cuda, cuda:N, auto"),
+    ("mps", "device 'mps' is not supported; allowed: cpu, cuda"),
+])
+def test_bad_device(tiny_dirs, device, match):
+    with pytest.raises(ValueError, match=match):
+        tpllama.load(tiny_dirs["gqa6"], device=device)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where no GPU is visible")
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_cuda_asked_for_without_a_gpu(tiny_dirs, world_size):
+    with pytest.raises(ValueError, match="no CUDA GPU is visible here; use --device cpu"):
+        tpllama.load(tiny_dirs["gqa6"], world_size=world_size, device="cuda")
+
+
 def test_world_size_larger_than_kv_heads(tiny_dirs):
     with pytest.raises(ValueError, match="world size 2 is larger than the model's 1 KV heads"):
         tpllama.load(tiny_dirs["mqa5"], world_size=2)

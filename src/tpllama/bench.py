@@ -330,6 +330,7 @@ def main(a) -> int:
                                  model_bytes_per_weight, step_bytes, stream_probe)
     from .cli import world_size_of
     from .default_model import default_model_path
+    from .dist import check_device
     from .engine import _round_up
     from .loading import parse_dtype, parse_kv_cache, parse_quant
     from .shard import plan
@@ -339,6 +340,7 @@ def main(a) -> int:
     quant = parse_quant(a.quant)
     parse_kv_cache(a.kv_cache)
     ws = world_size_of(a)
+    check_device(a.device, int(os.environ.get("LOCAL_WORLD_SIZE", ws)))
     progress = not a.no_progress
     probe_bytes = a.probe_mib << 20
     loadavg_start = os.getloadavg()

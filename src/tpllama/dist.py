@@ -103,6 +103,33 @@ class DistContext:
                 pass
 
 
+def check_device(device: str | None, ranks_on_this_host: int) -> None:
+    """Refuse, before any rank starts, a device this host cannot give every local rank: each
+    rank on CUDA needs a GPU of its own (nccl refuses two ranks on one GPU)."""
+    if device in (None, "auto"):
+        return
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not understood; allowed: cpu, cuda, cuda:N, auto") from None
+    if d.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} is not supported; allowed: cpu, cuda, cuda:N, auto")
+    if d.type != "cuda":
+        return
+    found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if found == 0:
+        raise ValueError(f"device {device!r} was asked for but no CUDA GPU is visible here; use --device cpu")
+    if d.index is not None and (ranks_on_this_host > 1 or d.index >= found):
+        if ranks_on_this_host > 1:
+            raise ValueError(f"device {device!r} names one GPU for {ranks_on_this_host} ranks; give --device cuda "
+                             f"(rank i takes GPU i)")
+        raise ValueError(f"device {device!r}: this host has {found} GPU(s), cuda:0..cuda:{found - 1}")
+    if ranks_on_this_host > found:
+        raise ValueError(f"{ranks_on_this_host} ranks on this host need {ranks_on_this_host} GPUs (one each: nccl "
+                         f"refuses two ranks on one GPU) but {found} is visible; allowed: world size <= {found} on "
+                         f"CUDA, or --device cpu")
+
+
 def pick_device(device: str | None, local_rank: int) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")

@@ -20,7 +20,7 @@ from . import cut as cutmod
 from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
 from .config import ModelArgs
 from .default_model import cache_dir, default_model_path
-from .dist import DEFAULT_TIMEOUT_S, DistContext, RankFailure, Workers, init_ranks, launched_by_torchrun, pick_device
+from .dist import DEFAULT_TIMEOUT_S, DistContext, RankFailure, Workers, check_device, init_ranks, launched_by_torchrun, pick_device
 from .generate import Decoder, SamplingParams, Sequence, generate_batch
 from .loading import assemble, kv_dtype_for, parse_dtype, parse_kv_cache, parse_quant, rank_slice
 from .runner import Runner, follow
@@ -331,6 +331,7 @@ def load(
     torchrun = launched_by_torchrun()
     if torchrun and int(os.environ["WORLD_SIZE"]) != world_size:
         raise ValueError(f"torchrun started {os.environ['WORLD_SIZE']} processes but world_size={world_size} was asked for")
+    check_device(device, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) if torchrun else world_size)
     src = Path(path).expanduser() if path is not None else default_model_path(quiet=not progress)
 
     if world_size == 1 and not torchrun and not cutmod.is_cut_dir(src):
