@@ -389,8 +389,11 @@ def _load_rank(parts: Path, rank: int, world_size: int, dtype: torch.dtype, ctx:
     """Load this rank's part; returns (model, share, args, error message or None)."""
     try:
         args, share, tensors, _quant = cutmod.load_part(parts, rank, world_size)
-        model = assemble(args, share, tensors, dtype, ctx.device, ctx.all_reduce,
-                         ctx.gather_vocab([s.vocab_rows for s in cutmod.manifest_shares(parts)]))
+        if world_size == 1:  # a cut directory of one part: nothing to reduce or gather
+            model = assemble(args, share, tensors, dtype, ctx.device)
+        else:
+            model = assemble(args, share, tensors, dtype, ctx.device, ctx.all_reduce,
+                             ctx.gather_vocab([s.vocab_rows for s in cutmod.manifest_shares(parts)]))
         _prepare_kernels(model)
         return model, share, args, None
     except Exception as err:  # reported to every rank below

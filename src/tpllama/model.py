@@ -97,10 +97,11 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(args.dim, qkv_out, bias=False, device=device, dtype=dtype)
         self.wo = nn.Linear(local.n_heads * args.head_dim, args.dim, bias=False, device=device, dtype=dtype)
 
-    def forward(self, x, cos, sin, cache_k, cache_v, rows, positions, mask):
+    def forward(self, x, cos, sin, cache_k, cache_v, rows, positions, mask, length):
         """x [B, T, dim]; cos/sin [B, T, 1, D]; cache_k/v [slots, Hkv, max_len, D];
-        rows: slice or index tensor selecting the B cache slots; positions [B, T];
-        mask: bool [B, 1, T, L] or None (None = causal over one contiguous row).
+        rows: slice or index tensor selecting the B cache slots; positions [B, T] (on x's device);
+        mask: bool [B, 1, T, L] or None (None = causal over one contiguous row);
+        length: int, keys attended to (max position + 1; a host int, so no device sync).
         Returns [B, T, dim] (this rank's partial sum before ``reduce``)."""
         B, T, _ = x.shape
         D = self.head_dim
@@ -111,7 +112,6 @@ class Attention(nn.Module):
         k = qk[:, :, H:].transpose(1, 2)
         v = qkv[:, :, H + Hkv :].transpose(1, 2)
 
-        length = mask.shape[-1] if mask is not None else int(positions[0, -1]) + 1
         if isinstance(rows, slice):
             keys, values = cache_k[rows], cache_v[rows]
             if T == 1 and B == 1:
@@ -255,6 +255,8 @@ class Transformer(nn.Module):
         last_only: bool = True,
     ) -> torch.Tensor:
         """tokens, positions int64 [B, T]; rows: which cache slots (default slots 0..B-1).
+        Positions may stay on the CPU (they are moved here once; the lengths are read from the
+        host copy, so a GPU step has no device-to-host sync inside it).
 
         Within a row, positions must be consecutive; a query at position p sees the row's
         keys at positions <= p. Returns float32 logits [B, 1, vocab] when ``last_only`` (the
@@ -275,9 +277,11 @@ class Transformer(nn.Module):
                 h = fused(self.tok_embeddings(tokens[:, 0]), self.rope_cos, self.rope_sin, cache,
                           slots.contiguous(), positions[:, 0].contiguous(), self.reduce)
                 return self.gather_vocab(self.output(self.norm(h)).unsqueeze(1)).float()
-        length = int(positions.max()) + 1
+        host = positions.cpu()
+        length = int(host.max()) + 1
+        positions = positions.to(tokens.device)
         mask = None
-        if not (B == 1 and int(positions[0, 0]) == 0) and not (B == 1 and T == 1):
+        if not (B == 1 and int(host[0, 0]) == 0) and not (B == 1 and T == 1):
             key_pos = torch.arange(length, device=tokens.device)
             mask = (key_pos[None, None, :] <= positions[:, :, None]).unsqueeze(1)
         cos = self.rope_cos[positions].unsqueeze(2)
@@ -287,7 +291,7 @@ class Transformer(nn.Module):
 
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
-            a = layer.attention(layer.attention_norm(h), cos, sin, cache.k[i], cache.v[i], rows, positions, mask)
+            a = layer.attention(layer.attention_norm(h), cos, sin, cache.k[i], cache.v[i], rows, positions, mask, length)
             h = h + self.reduce(a)
             h = h + self.reduce(layer.feed_forward(layer.ffn_norm(h)))
         if last_only:

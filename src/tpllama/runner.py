@@ -64,7 +64,7 @@ class Runner:
         dev = self.device
         if not isinstance(rows, slice):
             rows = rows.to(dev)
-        logits = self.model(tokens.to(dev), positions.to(dev), rows)
+        logits = self.model(tokens.to(dev), positions, rows)  # positions stay on the host: see Transformer.forward
         return logits.cpu()
 
     def stop(self) -> None:
@@ -96,6 +96,6 @@ def follow(model: Transformer, ctx) -> None:
             payload = torch.empty(size, dtype=torch.int64)
             ctx.broadcast(payload)
         tokens = payload[:n].view(b, t).to(dev)
-        positions = payload[n : 2 * n].view(b, t).to(dev)
+        positions = payload[n : 2 * n].view(b, t)
         rows = slice(start, start + b) if kind == 0 else payload[2 * n :].to(dev)
         model(tokens, positions, rows)
