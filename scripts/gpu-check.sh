@@ -28,4 +28,4 @@ bench() {  # NAME TIMEOUT ARGS...
         2>&1 | tee "$OUT/$name.log" | grep -v Warning
 }
 bench smollm2-bf16-cuda-1024 180 --synthetic smollm2-135m --dtype bfloat16 --quant none --compare hf --repeat 1
-bench llama7b-bf16-cuda-128 150 --synthetic llama-7b --dtype bfloat16 --quant none --input-len 128 --output-len 128 --repeat 2
+bench llama7b-bf16-cuda-128 120 --synthetic llama-7b --dtype bfloat16 --quant none --input-len 128 --output-len 128 --repeat 2
