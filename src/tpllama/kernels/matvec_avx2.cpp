@@ -110,14 +110,17 @@ void quantize_row(const float* x, int64_t K, int8_t* q, float* d, float* s) {
 }
 
 constexpr int RT = 4;  // rows per tile
-// Software prefetch distance in the packed weight stream. The int4 stream holds half the bytes
-// per block, so it looks further ahead: one thread read a 13824 x 5120 int4 matrix at 9.3-9.5 GB/s
-// with 1024 bytes, 10.8-12.6 GB/s with 2048 (kernels.bench_matvec, alternating builds).
+// Software prefetch distance in the packed weight stream (kernels.bench_matvec on a 13824 x 5120
+// matrix, builds alternated, -DTPL_PF / -DTPL_PF4 to try others). On Zen 3 (15-27 GB/s), one
+// thread read int4 at 9.3-9.5 GB/s with 1024 bytes, 10.8-12.6 GB/s with 2048. On Zen 5 (38 GB/s
+// one-thread probe), further is better: int8 24.7-25.3 GB/s with 1024 bytes, 27.8-30.0 with
+// 4096, 26.8-28.4 with 8192; int4 23.1-26.5 with 2048, 28.9-31.5 with 8192, 23.7-26.9 with 16384
+// (two threads: int8 40-41 -> 45-51, int4 37.6-42.5 -> 42.8-49.1).
 #ifndef TPL_PF
-#define TPL_PF 1024
+#define TPL_PF 4096
 #endif
 #ifndef TPL_PF4
-#define TPL_PF4 2048
+#define TPL_PF4 8192
 #endif
 constexpr int64_t PF_BYTES = TPL_PF;
 constexpr int64_t PF_BYTES_Q4 = TPL_PF4;
