@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA checks, for a machine with an NVIDIA GPU (none in CI): the CUDA tests, then decode
-# benchmarks against transformers on the same GPU. Results go to $OUT (default /tmp/gpu-check).
+# benchmarks against transformers on the same GPU. Results go to $OUT (default /tmp/gpu-check);
+# the exit status is the tests'.
 #   bash scripts/gpu-check.sh
 # Packages that machine lacks can lie as wheels in .whl/ (installed into /tmp/site, no network).
 set -uo pipefail
@@ -20,6 +21,7 @@ export TPLLAMA_NO_KERNELS=1
 } 2>&1 | tee "$OUT/machine.txt"
 
 timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/pytest.log"
+tests=$?
 
 bench() {  # NAME TIMEOUT ARGS...
     local name=$1 limit=$2; shift 2
@@ -29,3 +31,4 @@ bench() {  # NAME TIMEOUT ARGS...
 }
 bench smollm2-bf16-cuda-1024 180 --synthetic smollm2-135m --dtype bfloat16 --quant none --compare hf --repeat 1
 bench llama7b-bf16-cuda-128 120 --synthetic llama-7b --dtype bfloat16 --quant none --input-len 128 --output-len 128 --repeat 2
+exit $tests
