@@ -340,7 +340,7 @@ def main(a) -> int:
     quant = parse_quant(a.quant)
     parse_kv_cache(a.kv_cache)
     ws = world_size_of(a)
-    check_device(a.device, int(os.environ.get("LOCAL_WORLD_SIZE", ws)))
+    check_device(a.device, ws)  # before a synthetic model is written or a probe runs
     progress = not a.no_progress
     probe_bytes = a.probe_mib << 20
     loadavg_start = os.getloadavg()

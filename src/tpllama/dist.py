@@ -25,6 +25,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from .model import identity
+
 DEFAULT_TIMEOUT_S = 60.0
 IDLE_TIMEOUT = datetime.timedelta(days=7)
 
@@ -49,6 +51,8 @@ class DistContext:
     shm: object = None  # shm.ShmCollectives when every rank is a CPU process of this host
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:  # a cut of one part: nothing to sum (and no kernel to launch on a GPU)
+            return x
         if self.shm is not None:
             return self.shm.all_reduce(x)
         dist.all_reduce(x, group=self.compute)
@@ -64,6 +68,8 @@ class DistContext:
 
     def gather_vocab(self, parts: list[int]):
         """A callable concatenating each rank's logits slice [..., V_r] into [..., sum V_r]."""
+        if self.world_size == 1:
+            return identity
         widest = max(parts)
 
         def gather(local: torch.Tensor) -> torch.Tensor:
@@ -103,9 +109,15 @@ class DistContext:
                 pass
 
 
-def check_device(device: str | None, ranks_on_this_host: int) -> None:
+def local_world_size(world_size: int) -> int:
+    """How many of the ``world_size`` ranks run on this host (torchrun says; else all of them)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) if launched_by_torchrun() else world_size
+
+
+def check_device(device: str | None, world_size: int) -> None:
     """Refuse, before any rank starts, a device this host cannot give every local rank: each
     rank on CUDA needs a GPU of its own (nccl refuses two ranks on one GPU)."""
+    ranks_on_this_host = local_world_size(world_size)
     if device in (None, "auto"):
         return
     try:
@@ -119,10 +131,10 @@ def check_device(device: str | None, ranks_on_this_host: int) -> None:
     found = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if found == 0:
         raise ValueError(f"device {device!r} was asked for but no CUDA GPU is visible here; use --device cpu")
-    if d.index is not None and (ranks_on_this_host > 1 or d.index >= found):
-        if ranks_on_this_host > 1:
-            raise ValueError(f"device {device!r} names one GPU for {ranks_on_this_host} ranks; give --device cuda "
-                             f"(rank i takes GPU i)")
+    if d.index is not None and ranks_on_this_host > 1:
+        raise ValueError(f"device {device!r} names one GPU for {ranks_on_this_host} ranks; give --device cuda "
+                         f"(rank i takes GPU i)")
+    if d.index is not None and d.index >= found:
         raise ValueError(f"device {device!r}: this host has {found} GPU(s), cuda:0..cuda:{found - 1}")
     if ranks_on_this_host > found:
         raise ValueError(f"{ranks_on_this_host} ranks on this host need {ranks_on_this_host} GPUs (one each: nccl "

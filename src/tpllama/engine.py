@@ -20,7 +20,8 @@ from . import cut as cutmod
 from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
 from .config import ModelArgs
 from .default_model import cache_dir, default_model_path
-from .dist import DEFAULT_TIMEOUT_S, DistContext, RankFailure, Workers, check_device, init_ranks, launched_by_torchrun, pick_device
+from .dist import (DEFAULT_TIMEOUT_S, DistContext, RankFailure, Workers, check_device, init_ranks, launched_by_torchrun,
+                   local_world_size, pick_device)
 from .generate import Decoder, SamplingParams, Sequence, generate_batch
 from .loading import assemble, kv_dtype_for, parse_dtype, parse_kv_cache, parse_quant, rank_slice
 from .runner import Runner, follow
@@ -331,15 +332,14 @@ def load(
     torchrun = launched_by_torchrun()
     if torchrun and int(os.environ["WORLD_SIZE"]) != world_size:
         raise ValueError(f"torchrun started {os.environ['WORLD_SIZE']} processes but world_size={world_size} was asked for")
-    check_device(device, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) if torchrun else world_size)
+    check_device(device, world_size)
     src = Path(path).expanduser() if path is not None else default_model_path(quiet=not progress)
 
     if world_size == 1 and not torchrun and not cutmod.is_cut_dir(src):
         return _load_single(src, torch_dtype, quant, device, threads, kv_cache)
 
     rank = int(os.environ["RANK"]) if torchrun else 0
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) if torchrun else world_size
-    threads = threads or max(1, (os.cpu_count() or 1) // local_world)
+    threads = threads or max(1, (os.cpu_count() or 1) // local_world_size(world_size))
     torch.set_num_threads(threads)
     torch.manual_seed(0)  # the same seed in every process
     parts, ckpt = (None, None)
@@ -389,11 +389,8 @@ def _load_rank(parts: Path, rank: int, world_size: int, dtype: torch.dtype, ctx:
     """Load this rank's part; returns (model, share, args, error message or None)."""
     try:
         args, share, tensors, _quant = cutmod.load_part(parts, rank, world_size)
-        if world_size == 1:  # a cut directory of one part: nothing to reduce or gather
-            model = assemble(args, share, tensors, dtype, ctx.device)
-        else:
-            model = assemble(args, share, tensors, dtype, ctx.device, ctx.all_reduce,
-                             ctx.gather_vocab([s.vocab_rows for s in cutmod.manifest_shares(parts)]))
+        model = assemble(args, share, tensors, dtype, ctx.device, ctx.all_reduce,
+                         ctx.gather_vocab([s.vocab_rows for s in cutmod.manifest_shares(parts)]))
         _prepare_kernels(model)
         return model, share, args, None
     except Exception as err:  # reported to every rank below

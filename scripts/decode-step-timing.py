@@ -1,0 +1,59 @@
+"""Where rank 0's decode step goes: the whole step, the model forward, and the all-reduces.
+
+    .venv/bin/python scripts/decode-step-timing.py --world-size 2
+
+Loads the default model (quant auto, as `tpllama bench`), feeds one prompt of --input-len
+random tokens, and times --output-len greedy decode steps with timers wrapped around
+``runner.forward`` and the model's ``reduce``. At N > 1, time inside ``reduce`` is mostly rank 0
+waiting for the slower rank; the exchange itself is a few microseconds (``python -m tpllama.shm 2``).
+"""
+
+import argparse
+import time
+
+import torch
+
+import tpllama
+
+
+def timed(fn, total: list[float]):
+    def wrapper(*args, **kwargs):
+        t = time.perf_counter()
+        out = fn(*args, **kwargs)
+        total[0] += time.perf_counter() - t
+        return out
+
+    return wrapper
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--world-size", type=int, default=2)
+    p.add_argument("--input-len", type=int, default=1024)
+    p.add_argument("--output-len", type=int, default=512)
+    p.add_argument("--repeat", type=int, default=3)
+    a = p.parse_args()
+    with tpllama.load(None, world_size=a.world_size, quant="auto") as engine:
+        ids = torch.randint(3, 40000, (1, a.input_len), generator=torch.Generator().manual_seed(0))
+        engine.generate(ids, max_new_tokens=8, ignore_eos=True)  # warm-up
+        forward, reduce = [0.0], [0.0]
+        engine.runner.forward = timed(engine.runner.forward, forward)
+        model = engine.runner.model
+        model.reduce = timed(model.reduce, reduce)
+        steps = a.output_len - 1
+        for _ in range(a.repeat):
+            t = time.perf_counter()
+            engine.generate(ids, max_new_tokens=1, ignore_eos=True)  # prefill alone, subtracted below
+            prefill, prefill_forward, prefill_reduce = time.perf_counter() - t, forward[0], reduce[0]
+            t = time.perf_counter()
+            engine.generate(ids, max_new_tokens=a.output_len, ignore_eos=True)
+            step = (time.perf_counter() - t - prefill) / steps
+            fwd = (forward[0] - 2 * prefill_forward) / steps
+            red = (reduce[0] - 2 * prefill_reduce) / steps
+            forward[0] = reduce[0] = 0.0
+            print(f"N={a.world_size}, context {a.input_len}-{a.input_len + a.output_len}: {step * 1e3:.2f} ms per "
+                  f"step, {fwd * 1e3:.2f} in runner.forward, {red * 1e3:.2f} in the all-reduces")
+
+
+if __name__ == "__main__":
+    main()
