@@ -10,7 +10,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import TINY_CONFIGS, make_tiny_hf  # noqa: E402
+from helpers import TINY_CONFIGS, make_fresh_cache, make_tiny_hf  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -53,3 +53,10 @@ def smol_hf_dir(smol_gguf, tmp_path_factory) -> Path:
 def cache_env(tmp_path_factory):
     """Where cuts made by tests go (the model cache itself stays shared)."""
     return Path(os.environ.get("TPLLAMA_CACHE") or Path.home() / ".cache" / "tpllama")
+
+
+
+@pytest.fixture
+def fresh_cache(tmp_path) -> Path:
+    """An empty cache for this test (parts, tokenizers) with the extensions already built."""
+    return make_fresh_cache(tmp_path / "cache")

@@ -150,6 +150,8 @@ def test_prompt_plus_new_tokens_beyond_context(engine):
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(seed=-5), "seed"),
     (dict(stop=["x"]), "stop strings need a tokenizer"),
+    (dict(stop=[""]), "stop must be non-empty strings"),  # the same rule as the server's (400 naming stop)
+    (dict(stop=""), "stop must be non-empty strings"),
     (dict(colour=3), "unknown sampling parameter"),
 ])
 def test_bad_sampling_parameters(engine, kwargs, match):

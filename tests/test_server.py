@@ -20,14 +20,12 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
-psutil = pytest.importorskip("psutil")
+import httpx
+import openai
+import psutil
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import make_tiny_hf  # noqa: E402
+from helpers import make_fresh_cache, make_tiny_hf  # noqa: E402
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -113,7 +111,7 @@ def chat_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(chat_model, tmp_path_factory):
-    s = Server(chat_model, tmp_path_factory.mktemp("cache"), "--api-key", KEY, "--max-batch", "4", "--max-queue", "4")
+    s = Server(chat_model, make_fresh_cache(tmp_path_factory.mktemp("srv") / "cache"), "--api-key", KEY, "--max-batch", "4", "--max-queue", "4")
     yield s
     s.stop()
     assert s.proc.returncode == 0, "".join(s.log[-30:])
@@ -348,6 +346,8 @@ BAD_CHATS = [
     {"messages": []}, {"messages": "hi"}, {"messages": [{"content": "hi"}]}, {"messages": [{"role": "robot", "content": "x"}]},
     {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
     {"messages": [{"role": "user", "content": 5}]}, {"logprobs": True, "top_logprobs": 9}, {"top_logprobs": 2},
+    {"messages": [{"role": "user"}]}, {"messages": [{"role": "user", "content": None}]},
+    {"messages": [{"role": "user", "content": []}]}, {"stop": [""]},
     {"n": 3}, {"temperature": -0.5}, {"max_completion_tokens": 0}, {"tools": [{"type": "function"}]},
     {"response_format": {"type": "json_object"}},
 ]
@@ -359,6 +359,89 @@ def test_bad_chat_params(server, http, extra):
     r = http.post("/v1/chat/completions", json=body)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+def _error(r) -> dict:
+    assert r.status_code == 400, r.text
+    return r.json()["error"]
+
+
+def test_lone_surrogates_are_400_naming_the_field(server, http):
+    h = {"Content-Type": "application/json"}
+    name = server.name
+    cases = [
+        ('{"model": "%s", "prompt": "hi \\ud800", "max_tokens": 2}' % name, "/v1/completions", "prompt"),
+        ('{"model": "\\ud800", "prompt": "hi", "max_tokens": 2}', "/v1/completions", "model"),
+        ('{"model": "%s", "prompt": ["\\udfff"], "max_tokens": 2}' % name, "/v1/completions", "prompt.0"),
+        ('{"model": "%s", "messages": [{"role": "user", "content": "a\\udc00b"}], "max_tokens": 2}' % name,
+         "/v1/chat/completions", "messages.0.content"),
+        ('{"model": "%s", "prompt": "x", "stop": ["\\ud83d"], "max_tokens": 2}' % name, "/v1/completions", "stop.0"),
+    ]
+    for body, url, param in cases:
+        assert "\\u" in body
+        err = _error(http.post(url, content=body.encode(), headers=h))
+        assert err["param"] == param and "surrogate" in err["message"], (body, err)
+    # a proper pair is text: accepted
+    ok = '{"model": "%s", "prompt": "hi \\ud83d\\ude00", "max_tokens": 2}' % name
+    assert http.post("/v1/completions", content=ok.encode(), headers=h).status_code == 200
+
+
+def test_messages_without_content_and_empty_stop_strings(server, http):
+    chat = {"model": server.name, "max_tokens": 2}
+    for message in ({"role": "user"}, {"role": "user", "content": None}, {"role": "user", "content": []},
+                    {"role": "system"}):
+        body = dict(chat, messages=[message] if message["role"] == "user" else [message, {"role": "user", "content": "x"}])
+        err = _error(http.post("/v1/chat/completions", json=body))
+        assert err["param"] == "messages.0.content" and "required" in err["message"], err
+    assert http.post("/v1/chat/completions", json=dict(chat, messages=[{"role": "user", "content": ""}])).status_code == 200
+    for stop in ("", [""], ["a", ""]):
+        err = _error(http.post("/v1/completions", json=_body(server, stop=stop)))
+        assert err["param"] == "stop" and "non-empty" in err["message"], err
+    assert http.post("/v1/completions", json=_body(server, stop=[])).status_code == 200
+
+
+def test_huge_prompts_do_not_stall_the_server(server, http):
+    """Four 4 MB prompts are refused by length before tokenizing, prompts just short enough to be
+    tokenized are tokenized off the event loop: /health keeps answering in < 0.5 s throughout."""
+    huge = "hello world " * (4_000_000 // 12)
+    tokenized = "hello world " * 25_000  # 300 000 characters: passes the length check, then too many tokens
+    results: list = []
+
+    def post(prompt, url="/v1/completions"):
+        if url == "/v1/completions":
+            body = _body(server, prompt=prompt)
+        else:
+            body = {"model": server.name, "max_tokens": 2, "messages": [{"role": "user", "content": prompt}]}
+        results.append(http.post(url, content=json.dumps(body), headers={"Content-Type": "application/json"}))
+
+    threads = [threading.Thread(target=post, args=(p, u)) for p in (huge, tokenized)
+               for u in ("/v1/completions", "/v1/chat/completions") for _ in range(2)]
+    worst = 0.0
+    for t in threads:
+        t.start()
+    with httpx.Client(timeout=10) as probe:
+        while any(t.is_alive() for t in threads):
+            t0 = time.perf_counter()
+            assert probe.get(server.url + "/health").status_code == 200
+            worst = max(worst, time.perf_counter() - t0)
+            time.sleep(0.02)
+    for t in threads:
+        t.join()
+    assert len(results) == 8
+    for r in results:
+        err = _error(r)
+        assert err["code"] == "context_length_exceeded", err
+    assert sum("characters" in r.json()["error"]["message"] for r in results) == 4  # refused before tokenizing
+    assert worst < 0.5, f"/health took {worst:.2f} s while long prompts were being refused"
+
+
+def test_every_listening_socket_is_on_the_loopback(server):
+    """The HTTP socket, the ranks' rendezvous store and gloo's sockets: 127.0.0.1 only (--host default)."""
+    listening = []
+    for p in [psutil.Process(server.proc.pid), *server.tree()]:
+        listening += [(p.pid, c.laddr.ip, c.laddr.port) for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    assert len(listening) >= 3, listening  # http + store + gloo at least
+    assert all(ip == "127.0.0.1" for _, ip, _ in listening), listening
 
 
 def test_bad_requests_raw(server, http, client):
@@ -456,6 +539,31 @@ def test_fuzz_no_5xx(server, http, client):
     assert greedy(client, server) == before
 
 
+# ---------------------------------------------------------------------- packages
+BLOCKED_IMPORT = """
+import sys
+sys.modules[sys.argv[1]] = None  # as if the package were not installed
+from tpllama.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("package", ["fastapi", "uvicorn"])
+def test_missing_server_package_is_named(package, tmp_path):
+    proc = subprocess.run([sys.executable, "-c", BLOCKED_IMPORT, package, "serve", "--world-size", "2",
+                           "--model", str(tmp_path / "never-loaded")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert f"needs the Python package `{package}`" in proc.stderr and "pip install" in proc.stderr, proc.stderr
+    assert "unrecognized arguments" not in proc.stderr
+
+
+def test_server_packages_are_base_dependencies():
+    from importlib.metadata import requires
+
+    names = {r.split(">")[0].split("=")[0].split("[")[0].strip() for r in requires("tpllama") if "extra ==" not in r}
+    assert {"fastapi", "uvicorn"} <= names, names
+
+
 # ---------------------------------------------------------------------- rank failure
 def _alive(p: psutil.Process) -> bool:
     try:
@@ -465,7 +573,7 @@ def _alive(p: psutil.Process) -> bool:
 
 
 def test_rank_death(chat_model, tmp_path_factory):
-    s = Server(chat_model, tmp_path_factory.mktemp("cache2"), "--timeout", "10")
+    s = Server(chat_model, make_fresh_cache(tmp_path_factory.mktemp("srv2") / "cache"), "--timeout", "10")
     try:
         tree = s.tree()
         workers = [p for p in tree if "tpllama.worker" in " ".join(p.cmdline())]

@@ -2,10 +2,12 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -113,6 +115,104 @@ def test_flipped_byte_is_caught_and_wrong_world_size_refused(tiny_dirs, tmp_path
         tpllama.load(out, world_size=2)
 
 
+@pytest.mark.parametrize("damage", ["world size 2 -> 3", "part directory removed", "rank entry renumbered"])
+def test_damaged_manifest_is_bad_input_before_any_rank_starts(tiny_dirs, tmp_path, damage, monkeypatch):
+    out = cut(tiny_dirs["gqa6"], tmp_path / "parts", 2, progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    world_size = 2
+    if damage == "world size 2 -> 3":
+        manifest["world_size"] = world_size = 3
+        expect = "says world size 3 but lists 2 rank(s)"
+    elif damage == "part directory removed":
+        import shutil
+
+        shutil.rmtree(out / "part_model" / "1")
+        expect = "holds part(s) 0"
+    else:
+        manifest["ranks"][1]["share"]["rank"] = 0
+        expect = "entry 1 of its ranks is rank 0 of 2"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    started = []
+    monkeypatch.setattr("tpllama.engine.Workers", lambda *a, **k: started.append(a))
+    with pytest.raises(CheckpointError, match=re.escape(expect)):
+        tpllama.load(out, world_size=world_size)
+    assert started == []  # refused before any rank started
+    proc = subprocess.run([sys.executable, "-m", "tpllama", "run", "--model", str(out), "--world-size", str(world_size),
+                           "--no-perf"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr  # bad input, not a rank failure (1)
+    assert expect in proc.stderr and "rank failure" not in proc.stderr and "IndexError" not in proc.stderr
+
+
+SLOW_CUT = textwrap.dedent("""
+    import sys, time
+    import tpllama.cut as cutmod
+    real = cutmod.SafetensorsStreamWriter.write
+    def slow_write(self, name, tensor):
+        real(self, name, tensor)
+        print("writing", flush=True)
+        time.sleep(0.5)
+    cutmod.SafetensorsStreamWriter.write = slow_write
+    cutmod.cut(sys.argv[1], sys.argv[2], 2, progress=False)
+""")
+
+
+def _start_slow_cut(src: Path, target: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CUT, str(src), str(target)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    return proc
+
+
+def _temporaries(target: Path) -> list[Path]:
+    return sorted(target.parent.glob(f".{target.name}.tmp-*"))
+
+
+def test_killed_cut_leaves_temporaries_that_the_next_cut_removes(tiny_dirs, tmp_path):
+    target = tmp_path / "parts"
+    left = []
+    for _ in range(2):  # two cuts killed with SIGKILL: each leaves its temporary directory behind ...
+        proc = _start_slow_cut(tiny_dirs["gqa6"], target)
+        proc.kill()
+        proc.wait()
+        left.append(_temporaries(target))
+    assert len(left[0]) == 1 and len(left[1]) == 1 and left[0] != left[1]  # ... the second removed the first's
+    cut(tiny_dirs["gqa6"], target, 2, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["parts"]  # stale temporaries and the lock file gone
+    with tpllama.load(target, world_size=2) as engine:
+        assert engine.generate([[5, 6, 7]], max_new_tokens=2).shape == (1, 5)
+
+
+def test_a_running_cut_keeps_its_temporary_and_a_second_cut_waits(tiny_dirs, tmp_path):
+    target = tmp_path / "parts"
+    first = _start_slow_cut(tiny_dirs["gqa6"], target)
+    mine = _temporaries(target)
+    assert len(mine) == 1
+    result: dict = {}
+    second = threading.Thread(target=lambda: result.update(out=cut(tiny_dirs["gqa6"], target, 2, progress=False)))
+    second.start()
+    time.sleep(1.5)
+    assert second.is_alive() and mine[0].is_dir()  # the second waits for the lock; it did not touch the live one
+    first.kill()  # now that temporary is stale: the waiting cut removes it and finishes
+    first.wait()
+    second.join(60)
+    assert result["out"] == target and not mine[0].exists() and _temporaries(target) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["parts"]
+
+
+def test_cache_cut_removes_stale_temporaries(tiny_dirs, fresh_cache, monkeypatch):
+    from tpllama.engine import resolve_parts
+
+    monkeypatch.setenv("TPLLAMA_CACHE", str(fresh_cache))
+    first, _ = resolve_parts(tiny_dirs["gqa6"], 2, torch.float32, None, progress=False)
+    import shutil
+
+    shutil.rmtree(first)  # as if it had never finished; a killed cut left this beside it:
+    stale = first.parent / f".{first.name}.tmp-killed"
+    (stale / "part_model" / "0").mkdir(parents=True)
+    again, _ = resolve_parts(tiny_dirs["gqa6"], 2, torch.float32, None, progress=False)
+    assert again == first and (first / "manifest.json").is_file() and not stale.exists()
+    assert sorted(p.name for p in first.parent.iterdir()) == [first.name]
+
+
 def test_interrupted_cut_leaves_nothing_loadable_and_rerun_works(tiny_dirs, tmp_path, monkeypatch):
     import tpllama.cut as cutmod
 
@@ -138,12 +238,8 @@ def test_interrupted_cut_leaves_nothing_loadable_and_rerun_works(tiny_dirs, tmp_
         assert engine.generate([[5, 6, 7]], max_new_tokens=3).shape == (1, 6)
 
 
-def test_uncut_checkpoint_is_cut_into_the_cache_once(tiny_dirs, tmp_path, monkeypatch):
-    real = Path(os.environ.get("TPLLAMA_CACHE") or Path.home() / ".cache" / "tpllama")
-    (real / "ext").mkdir(parents=True, exist_ok=True)
-    (tmp_path / "cache").mkdir()
-    (tmp_path / "cache" / "ext").symlink_to(real / "ext")  # reuse the built extensions
-    monkeypatch.setenv("TPLLAMA_CACHE", str(tmp_path / "cache"))
+def test_uncut_checkpoint_is_cut_into_the_cache_once(tiny_dirs, tmp_path, fresh_cache, monkeypatch):
+    monkeypatch.setenv("TPLLAMA_CACHE", str(fresh_cache))
     with tpllama.load(tiny_dirs["gqa6"], world_size=3) as engine:
         first = engine.generate([[5, 6, 7]], max_new_tokens=5)
         parts = Path(engine.info["parts"])

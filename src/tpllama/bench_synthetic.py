@@ -9,20 +9,18 @@ Directories are kept in the cache (``$TPLLAMA_CACHE/synthetic/``) and reused.
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .checkpoint import EMBED, expected_shapes
 from .config import ModelArgs
-from .cut import FORMAT, SafetensorsStreamWriter, is_cut_dir, publish, write_manifest
-from .default_model import sha256_file
+from .cut import FORMAT, SafetensorsStreamWriter, file_digests, is_cut_dir, write_manifest, write_part_files
 from .loading import is_linear
 from .shard import RankShare, feature_range, plan, split_rule
+from .staging import StagedWrite
 
 _LLAMA1 = dict(max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False,
                bos_token_id=1, eos_token_id=2)
@@ -109,10 +107,12 @@ def write_synthetic(name: str, world_size: int, dtype: torch.dtype, quant: str |
         raise ValueError(f"synthetic {name} needs about {need / 1e9:.1f} GB of disk under {target.parent} while writing, "
                          f"{free / 1e9:.1f} GB are free")
     shapes = expected_shapes(args)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     from tqdm import tqdm
 
-    try:
+    with StagedWrite(target, progress=progress) as staged:
+        if is_cut_dir(target):  # made by another process while we waited
+            return target
+        tmp = staged.temp_dir()
         parts = [tmp / "part_model" / str(r) for r in range(world_size)]
         writers = []
         for p in parts:
@@ -140,14 +140,9 @@ def write_synthetic(name: str, world_size: int, dtype: torch.dtype, quant: str |
         ranks = []
         for share, wr, p in zip(shares, writers, parts):
             wr.close(dict(meta, rank=str(share.rank)))
-            (p / "config.json").write_text(json.dumps(args.to_hf_config(), indent=2))
-            (p / "part.json").write_text(json.dumps({"rank": share.rank, "world_size": world_size, "share": share.to_json()}))
-            files = {f.name: sha256_file(f) for f in sorted(p.iterdir()) if f.is_file()}
-            ranks.append({"share": share.to_json(), "files": files})
+            write_part_files(p, args, share, None)
+            ranks.append({"share": share.to_json(), "files": file_digests(p)})
         source = {"path": f"synthetic:{name}", "kind": "synthetic", "init": f"normal(0, {INIT_STD}), norms 1"}
         write_manifest(tmp, world_size, dtype, quant, source, args, ranks)
-        publish(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        staged.publish(tmp)
     return target

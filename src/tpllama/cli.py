@@ -233,19 +233,22 @@ def cmd_chat(a: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- dispatch
 def _lazy(module: str):
-    """(add_arguments, main) of a command living in its own module, imported only when used."""
+    """(add_arguments, main) of a command living in its own module, imported only when used. The
+    module's flags never depend on optional packages; a package missing when the command runs is
+    named, with how to install it."""
     import importlib
 
     def add(p):
-        try:
-            importlib.import_module(f"tpllama.{module}").add_arguments(p)
-        except ImportError as err:  # an optional dependency missing: say so when it is run
-            p.set_defaults(import_error=str(err))
+        importlib.import_module(f"tpllama.{module}").add_arguments(p)
 
     def run(a):
-        if getattr(a, "import_error", None):
-            raise ValueError(f"`tpllama {module}` needs a missing package: {a.import_error}")
-        return importlib.import_module(f"tpllama.{module}").main(a)
+        try:
+            return importlib.import_module(f"tpllama.{module}").main(a)
+        except ModuleNotFoundError as err:
+            if err.name is None or err.name.split(".")[0] in ("tpllama", "torch"):
+                raise
+            raise ValueError(f"`tpllama {a.command}` needs the Python package `{err.name}`, which is not installed "
+                             f"here: pip install {err.name}  (or reinstall tpllama with its dependencies)") from None
 
     return add, run
 
@@ -253,7 +256,7 @@ def _lazy(module: str):
 def commands() -> dict:
     """name -> (help, add_arguments, main). bench and serve live in their own modules."""
     bench_add, bench_main = _lazy("bench")
-    serve_add, serve_main = _lazy("server")
+    serve_add, serve_main = _lazy("server_cli")
     quality_add, quality_main = _lazy("quality")
     return {
         "cut": ("cut a checkpoint into N tensor-parallel parts", add_cut_args, cmd_cut),

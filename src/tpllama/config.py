@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-LLAMA_ARCHITECTURES = ("LlamaForCausalLM",)
+LLAMA_ARCHITECTURES = ("LlamaForCausalLM", "LLaMAForCausalLM")  # the second: LLaMA-1 conversions (decapoda)
 LLAMA_MODEL_TYPES = ("llama",)
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
@@ -100,7 +100,7 @@ class ModelArgs:
         head_dim = int(cfg.get("head_dim") or dim // n_heads)
         rope_theta, scaling = _rope_from_hf(cfg)
         eos = cfg.get("eos_token_id")
-        eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else []))
+        eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else []) if int(e) >= 0)
         return cls(
             dim=dim,
             n_layers=n_layers,
@@ -112,7 +112,8 @@ class ModelArgs:
             norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=scaling,
-            max_seq_len=int(cfg.get("max_position_embeddings", 2048)),
+            # LLaMA-1 conversions (decapoda-research/llama-*-hf) spell it max_sequence_length
+            max_seq_len=int(cfg.get("max_position_embeddings") or cfg.get("max_sequence_length") or 2048),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             bos_token_id=_opt_int(cfg.get("bos_token_id")),
             eos_token_ids=eos_ids,
@@ -211,9 +212,10 @@ class ModelArgs:
 
 
 def _opt_int(value: Any) -> int | None:
+    """A token id, or None where there is none (LLaMA-1 configs write ``pad_token_id: -1``)."""
     if isinstance(value, list):
         value = value[0] if value else None
-    return None if value is None else int(value)
+    return None if value is None or int(value) < 0 else int(value)
 
 
 def _rope_from_hf(cfg: dict[str, Any]) -> tuple[float, RopeScaling]:

@@ -11,17 +11,15 @@ Layout written by ``cut``::
 
 The source is read once, tensor by tensor; every rank's slice of a tensor is appended to that
 rank's data file at once, so peak memory stays near one (dequantized) tensor. Everything is
-written under ``DIR.tmp-*`` and renamed to DIR at the end: an interrupted cut leaves nothing that
-loads, and running the cut again starts over cleanly.
+written under ``.DIR.tmp-*`` and renamed to DIR at the end (``staging.StagedWrite``): an
+interrupted cut leaves nothing that loads, and the next cut of DIR removes what it left.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -32,6 +30,7 @@ from .config import ModelArgs
 from .default_model import sha256_file
 from .loading import stored_tensors
 from .shard import RankShare, plan, slice_for_rank
+from .staging import StagedWrite
 from .tokenizer import copy_tokenizer_files
 
 MANIFEST = "manifest.json"
@@ -90,16 +89,21 @@ def cut(
     dtype: torch.dtype = torch.float32,
     quant: str | None = None,
     progress: bool = True,
+    reuse: bool = False,
 ) -> Path:
-    """Cut ``source`` into ``world_size`` parts under ``output``; returns ``output``."""
+    """Cut ``source`` into ``world_size`` parts under ``output``; returns ``output``.
+
+    ``reuse``: keep a finished cut already at ``output`` (for the cache, where another process may
+    have made it while this one waited for the writer lock)."""
     ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(source)
     args = ckpt.args
     shares = plan(args, world_size)  # refuses an impossible world size before any work
     ckpt.validate()
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
-    try:
+    with StagedWrite(output, progress=progress) as staged:
+        if reuse and is_cut_dir(output):
+            return output
+        tmp = staged.temp_dir()
         parts = [tmp / "part_model" / str(r) for r in range(world_size)]
         writers = []
         for p in parts:
@@ -122,18 +126,24 @@ def cut(
         ranks = []
         for share, w, p in zip(shares, writers, parts):
             w.close(dict(meta, rank=str(share.rank)))
-            (p / "config.json").write_text(json.dumps(args.to_hf_config(), indent=2))
-            (p / "part.json").write_text(json.dumps({"rank": share.rank, "world_size": world_size, "share": share.to_json()}))
-            if tok_src is not None:
-                copy_tokenizer_files(tok_src, p)
-            files = {f.name: sha256_file(f) for f in sorted(p.iterdir()) if f.is_file()}
-            ranks.append({"share": share.to_json(), "files": files})
+            write_part_files(p, args, share, tok_src)
+            ranks.append({"share": share.to_json(), "files": file_digests(p)})
         write_manifest(tmp, world_size, dtype, quant, {"path": str(ckpt.path), "kind": ckpt.kind}, args, ranks)
-        publish(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        staged.publish(tmp)
     return output
+
+
+def write_part_files(part: Path, args: ModelArgs, share: RankShare, tokenizer_source: Path | None) -> None:
+    """The files of a part beside its ``model.safetensors``: config, part.json, tokenizer."""
+    (part / "config.json").write_text(json.dumps(args.to_hf_config(), indent=2))
+    (part / "part.json").write_text(json.dumps({"rank": share.rank, "world_size": share.world_size,
+                                                 "share": share.to_json()}))
+    if tokenizer_source is not None:
+        copy_tokenizer_files(tokenizer_source, part)
+
+
+def file_digests(part: Path) -> dict[str, str]:
+    return {f.name: sha256_file(f) for f in sorted(part.iterdir()) if f.is_file()}
 
 
 def write_manifest(directory: Path, world_size: int, dtype: torch.dtype, quant: str | None, source: dict,
@@ -158,13 +168,6 @@ def write_manifest(directory: Path, world_size: int, dtype: torch.dtype, quant: 
         "ranks": ranks,
     }
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
-
-
-def publish(tmp: Path, target: Path) -> None:
-    """Replace ``target`` with the finished temporary directory ``tmp`` (a rename)."""
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
 
 
 def _tokenizer_source(ckpt: Checkpoint) -> Path | None:
@@ -194,7 +197,42 @@ def read_manifest(directory: Path) -> dict:
         raise CheckpointError(f"{directory / MANIFEST} cannot be read: {err}") from None
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{directory} was not written by this tpllama (format {manifest.get('format')!r}, expected {FORMAT!r})")
+    check_manifest(directory, manifest)
     return manifest
+
+
+def check_manifest(directory: Path, manifest: dict) -> None:
+    """The manifest agrees with itself and with the part directories on disk (cheap: no hashing).
+    Run before any rank starts, so an edited or damaged cut is bad input, not a rank failure."""
+    where = directory / MANIFEST
+    on_disk = sorted(int(p.name) for p in (directory / "part_model").glob("*") if p.is_dir() and p.name.isdigit())
+    holds = f"{directory / 'part_model'} holds part(s) {', '.join(map(str, on_disk)) or 'none'}"
+    n = manifest.get("world_size")
+    ranks = manifest.get("ranks")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1 or not isinstance(ranks, list):
+        raise CheckpointError(f"{where} is damaged: world_size {n!r} and a list of ranks are required; cut the checkpoint again")
+    if len(ranks) != n:
+        raise CheckpointError(f"{where} says world size {n} but lists {len(ranks)} rank(s); {holds}. The manifest was "
+                              f"edited or damaged: cut the checkpoint again")
+    try:
+        shares = [_share(entry) for entry in ranks]
+        args = ModelArgs.from_hf_config(manifest["config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{where} is damaged ({type(err).__name__}: {err}); cut the checkpoint again") from None
+    for i, (share, entry) in enumerate(zip(shares, ranks)):
+        if share.rank != i or share.world_size != n:
+            raise CheckpointError(f"{where}: entry {i} of its ranks is rank {share.rank} of {share.world_size}, expected "
+                                  f"rank {i} of {n}; cut the checkpoint again")
+        if not isinstance(entry.get("files"), dict) or not entry["files"]:
+            raise CheckpointError(f"{where}: rank {i} lists no files; cut the checkpoint again")
+    for what, total in (("heads", args.n_heads), ("kv_heads", args.n_kv_heads), ("ffn", args.ffn_dim),
+                        ("vocab", args.vocab_size)):
+        ranges = [getattr(s, what) for s in shares]
+        if ranges[0][0] != 0 or ranges[-1][1] != total or any(a[1] != b[0] for a, b in zip(ranges, ranges[1:])):
+            raise CheckpointError(f"{where}: the ranks' {what} ranges {ranges} do not cover 0..{total} of the model; "
+                                  f"cut the checkpoint again")
+    if on_disk != list(range(n)):
+        raise CheckpointError(f"{where} says world size {n} (parts 0..{n - 1}) but {holds}; cut the checkpoint again")
 
 
 def check_world_size(directory: Path, manifest: dict, world_size: int) -> None:

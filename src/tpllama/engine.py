@@ -26,7 +26,7 @@ from .generate import Decoder, SamplingParams, Sequence, generate_batch
 from .loading import assemble, kv_dtype_for, parse_dtype, parse_kv_cache, parse_quant, rank_slice
 from .runner import Runner, follow
 from .shard import RankShare, plan
-from .tokenizer import Tokenizer, gguf_tokenizer_dir, load_hf_tokenizer
+from .tokenizer import Tokenizer, gguf_tokenizer_dir, load_tokenizer, special_ids
 
 log = logging.getLogger("tpllama")
 
@@ -46,12 +46,7 @@ class Engine:
         self.ctx = ctx
         self.info = info
         self.world_size = len(shares)
-        eos = set(args.eos_token_ids)
-        if tokenizer is not None:
-            eos.update(tokenizer.eos_ids)
-        self.eos_ids = tuple(sorted(eos))
-        pad = args.pad_token_id if args.pad_token_id is not None else (self.eos_ids[0] if self.eos_ids else 0)
-        self.pad_id = int(pad)
+        self.eos_ids, self.pad_id = special_ids(args.eos_token_ids, args.pad_token_id, tokenizer, args.vocab_size)
         self._broken: str | None = None
         self._closed = False
 
@@ -270,14 +265,13 @@ def _cache_key(path: Path, world_size: int, dtype: torch.dtype, quant: str | Non
     return hashlib.sha256("|".join(ident).encode()).hexdigest()[:16]
 
 
-def _tokenizer_for(path: Path, ckpt: Checkpoint | None, args: ModelArgs) -> Tokenizer | None:
-    eos = args.eos_token_ids
+def _tokenizer_for(path: Path, ckpt: Checkpoint | None) -> Tokenizer | None:
     if cutmod.is_cut_dir(path):
-        return load_hf_tokenizer(path / "part_model" / "0", eos)
+        return load_tokenizer(path / "part_model" / "0")
     if ckpt is not None and ckpt.kind == "gguf":
         tdir = gguf_tokenizer_dir(ckpt.path, cache_dir())
-        return load_hf_tokenizer(tdir, eos) if tdir else None
-    return load_hf_tokenizer(path, eos)
+        return load_tokenizer(tdir) if tdir else None
+    return load_tokenizer(path)
 
 
 def resolve_parts(path: Path, world_size: int, dtype: torch.dtype, quant: str | None, progress: bool) -> tuple[Path, Checkpoint | None]:
@@ -296,7 +290,7 @@ def resolve_parts(path: Path, world_size: int, dtype: torch.dtype, quant: str | 
     plan(ckpt.args, world_size)
     if progress:
         print(f"tpllama: cutting {ckpt.path} into {world_size} parts at {target} (first time only)", file=sys.stderr)
-    cutmod.cut(ckpt, target, world_size, dtype=dtype, quant=quant, progress=progress)
+    cutmod.cut(ckpt, target, world_size, dtype=dtype, quant=quant, progress=progress, reuse=True)
     return target, ckpt
 
 
@@ -351,9 +345,10 @@ def load(
                        "--timeout", str(timeout_s), "--threads", str(threads)]
         if device:
             worker_args += ["--device", device]
-        workers = Workers(world_size, worker_args, threads)
+        workers = Workers(world_size, worker_args, threads, timeout_s)
     try:
-        ctx = init_ranks(rank, world_size, device, timeout_s)
+        ctx = init_ranks(rank, world_size, device, timeout_s, local_store=workers.store if workers else None,
+                         loopback_only=workers is not None)
     except Exception as err:
         if workers is not None:
             workers.kill()
@@ -374,7 +369,7 @@ def load(
         ctx.close()
         raise SystemExit(0)
     shares = cutmod.manifest_shares(parts)
-    tokenizer = _tokenizer_for(parts, None, args)
+    tokenizer = _tokenizer_for(parts, None)
     info = {"path": str(src), "parts": str(parts), "dtype": str(torch_dtype).removeprefix("torch."), "quant": quant or "none",
             "threads_per_rank": threads, "device": str(ctx.device), "backend": "shared memory" if ctx.shm is not None else torch.distributed.get_backend(ctx.compute),
             "launcher": "torchrun" if torchrun else "tpllama"}
@@ -435,7 +430,7 @@ def _load_single(src: Path, dtype: torch.dtype, quant: str | None, device: str |
     dev = pick_device(device, 0)
     model = assemble(args, share, rank_slice(ckpt, share, dtype, quant), dtype, dev)
     _prepare_kernels(model)
-    tokenizer = _tokenizer_for(src, ckpt, args)
+    tokenizer = _tokenizer_for(src, ckpt)
     info = {"path": str(src), "parts": None, "dtype": str(dtype).removeprefix("torch."), "quant": quant or "none",
             "threads_per_rank": torch.get_num_threads(), "device": str(dev), "backend": None, "launcher": "in-process"}
     kv_dtype = kv_dtype_for(model, kv_cache)

@@ -36,6 +36,7 @@ from .server_sched import Job, Metrics, QueueFull, Scheduler
 log = logging.getLogger("tpllama.server")
 
 MAX_BODY = 4 << 20  # bytes
+TOKENIZE_CONCURRENCY = 2  # requests tokenized at once, off the event loop
 MAX_LOGPROBS = 5
 FAILURE_GRACE_S = 2.0  # after a rank failure: keep answering (503) this long, then exit
 
@@ -122,6 +123,9 @@ class State:
         self.cache_len = cache_len
         self.created = int(time.time())
         self.tok = engine.tokenizer
+        # text longer than this cannot fit in the context whatever it says (checked before tokenizing)
+        self.max_text_chars = cache_len * engine.tokenizer.max_token_chars() if engine.tokenizer is not None else 0
+        self.tokenizing = asyncio.Semaphore(TOKENIZE_CONCURRENCY)
 
     # ------------------------------------------------------------------ helpers
     def check_model(self, name: str) -> None:
@@ -142,14 +146,10 @@ class State:
         stop = body.stop if body.stop is not None else ()
         if isinstance(stop, list) and len(stop) > 4:
             raise bad(f"at most 4 stop sequences, got {len(stop)}", "stop")
-        if isinstance(stop, str) and not stop:
-            stop = ()
-        if isinstance(stop, list):
-            stop = [s for s in stop if s]
         if stop and self.tok is None:
             raise bad("stop strings need a tokenizer, and this model has none", "stop")
-        kw = dict(max_new_tokens=max_tokens, stop=tuple([stop] if isinstance(stop, str) else stop), logprobs=logprobs,
-                  ignore_eos=bool(body.ignore_eos))
+        # empty stop strings are refused by SamplingParams.validate, as in the Python API
+        kw = dict(max_new_tokens=max_tokens, stop=stop, logprobs=logprobs, ignore_eos=bool(body.ignore_eos))
         for name, default in (("temperature", 1.0), ("top_p", 1.0), ("top_k", 0), ("repetition_penalty", 1.0),
                               ("frequency_penalty", 0.0), ("presence_penalty", 0.0), ("seed", None)):
             v = getattr(body, name)
@@ -179,6 +179,19 @@ class State:
                       f"exceeds this server's context length {self.cache_len} (--max-seq-len)",
                       "max_tokens", "context_length_exceeded")
         return p
+
+    def check_text_length(self, chars: int, param: str) -> None:
+        """Refuse, without tokenizing it, text too long for the context in any tokenization."""
+        if chars > self.max_text_chars:
+            raise bad(f"the {param} has {chars} characters, more than fit in this server's context of {self.cache_len} "
+                      f"tokens (no token of this vocabulary stands for more than "
+                      f"{self.max_text_chars // self.cache_len} characters)", param, "context_length_exceeded")
+
+    async def off_loop(self, fn, *args):
+        """Run ``fn(*args)`` (tokenizing, rendering a chat template) on a worker thread, at most
+        TOKENIZE_CONCURRENCY at a time, so that long texts never stall the event loop."""
+        async with self.tokenizing:
+            return await asyncio.to_thread(fn, *args)
 
     def check_ids(self, ids: list[int], param: str) -> None:
         if not ids:
@@ -362,7 +375,8 @@ def build_app(st: State) -> FastAPI:
                 raise bad("this model has no tokenizer: send the prompt as a list of token ids", "prompt")
             if not prompt:
                 raise bad("the prompt is empty", "prompt")
-            ids = st.tok.encode(prompt)
+            st.check_text_length(len(prompt), "prompt")
+            ids = await st.off_loop(st.tok.encode, prompt)
         else:
             ids = list(prompt)
         st.check_ids(ids, "prompt")
@@ -435,6 +449,9 @@ def build_app(st: State) -> FastAPI:
                 raise bad(f"messages[{i}].role must be system, developer, user, assistant or tool, got {m.role!r}",
                           f"messages.{i}.role")
             content = m.content
+            if content is None or content == []:
+                raise bad(f"messages[{i}].content is required: a string or a non-empty list of text parts",
+                          f"messages.{i}.content")
             if isinstance(content, list):
                 parts = []
                 for part in content:
@@ -442,9 +459,10 @@ def build_app(st: State) -> FastAPI:
                         raise bad(f"messages[{i}].content: only text parts are supported", f"messages.{i}.content")
                     parts.append(part["text"])
                 content = "".join(parts)
-            messages.append({"role": role, "content": content or ""})
+            messages.append({"role": role, "content": content})
+        st.check_text_length(sum(len(m["content"]) for m in messages), "messages")
         try:
-            ids = st.engine.encode_chat(messages)
+            ids = await st.off_loop(st.engine.encode_chat, messages)
         except Exception as err:  # the template refused the conversation
             raise bad(f"the chat template cannot render these messages: {err}", "messages") from None
         st.check_ids(ids, "messages")
@@ -646,17 +664,46 @@ class Guard:
 
         if path.startswith("/v1/") and body:
             try:  # NaN/Infinity are not JSON; refuse them as text rather than as numbers
-                json.loads(body, parse_constant=_reject_constant)
+                parsed = json.loads(body, parse_constant=_reject_constant)
             except ValueError as err:
                 msg = str(err) if "not allowed" in str(err) else "the request body is not valid JSON"
                 return await error_response(400, msg)(scope, receive, send)
             except RecursionError:
                 return await error_response(400, "the request body is nested too deeply")(scope, receive, send)
+            where = _not_unicode(parsed)
+            if where is not None:
+                return await error_response(400, f"{where or 'body'}: the string holds a lone UTF-16 surrogate escape "
+                                                 f"(\\ud800-\\udfff not part of a pair), which is not Unicode text",
+                                            param=where or None)(scope, receive, send)
         return await self.app(scope, replay, send)
 
 
 def _reject_constant(name: str):
     raise ValueError(f"{name} is not allowed in JSON numbers")
+
+
+def _not_unicode(value) -> str | None:
+    """The path (``messages.0.content``) of the first string of a parsed JSON body, key or value,
+    that cannot be encoded as UTF-8 (JSON allows lone surrogate escapes; text cannot hold them);
+    None when every string is fine."""
+    stack = [(value, "")]
+    while stack:
+        v, path = stack.pop()
+        if isinstance(v, str):
+            if not v.isascii():
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError:
+                    return path
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                key_path = f"{path}.{k}" if path else str(k)
+                if _not_unicode(k) is not None:
+                    return path or "body"
+                stack.append((item, key_path))
+        elif isinstance(v, list):
+            stack.extend((item, f"{path}.{i}" if path else str(i)) for i, item in enumerate(v))
+    return None
 
 
 # ---------------------------------------------------------------------- metrics
@@ -690,22 +737,7 @@ def render_metrics(st: State) -> str:
     return "\n".join(lines) + "\n"
 
 
-# ---------------------------------------------------------------------- CLI
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .cli import add_model_args
-
-    add_model_args(p)
-    g = p.add_argument_group("server")
-    g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    g.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    g.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (all but /health)")
-    g.add_argument("--max-batch", type=int, default=8, help="KV-cache slots = requests decoded together (default 8)")
-    g.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64)")
-    g.add_argument("--max-seq-len", type=int, default=None,
-                   help="tokens per request, prompt + output (default: the model's context, at most 4096)")
-    g.add_argument("--served-model-name", default=None, help="the model id clients send (default: the file's name)")
-
-
+# ---------------------------------------------------------------------- running it
 class _Server(uvicorn.Server):
     def __init__(self, config, banner: str):
         super().__init__(config)
@@ -735,15 +767,10 @@ class _Server(uvicorn.Server):
             print(banner, flush=True)
 
 
-def main(a: argparse.Namespace) -> int:
+def run_server(a: argparse.Namespace) -> int:
+    """Load the engine and serve until SIGINT/SIGTERM or a rank failure (flags: ``server_cli``)."""
     from .cli import open_engine
 
-    for name, lo in (("max_batch", 1), ("max_queue", 0), ("port", 0)):
-        v = getattr(a, name)
-        if v < lo or (name == "port" and v > 65535):
-            raise ValueError(f"--{name.replace('_', '-')} must be >= {lo}, got {v}")
-    if a.max_seq_len is not None and a.max_seq_len < 2:
-        raise ValueError(f"--max-seq-len must be >= 2, got {a.max_seq_len}")
     engine = open_engine(a)
     try:
         cache_len = min(engine.args.max_seq_len, a.max_seq_len or 4096)

@@ -9,7 +9,7 @@ The protocol (double-buffered slots, one barrier per op) and the reasoning behin
 
 Usage (every rank of one host, same ``name``; rank 0 creates, the others open)::
 
-    name = ShmCollectives.make_name(master_port)   # on rank 0; give it to the others (env, gloo)
+    name = ShmCollectives.make_name()   # on rank 0; give it to the others (env, gloo)
     shm = ShmCollectives(name, rank, world_size)   # rank 0 creates the segment, others open it
                                                    # (they wait up to timeout_s for it to appear)
     dist.barrier(group)                            # everybody has it mapped ...
@@ -194,10 +194,9 @@ class ShmCollectives:
         return cls(name, 0, world_size, slot_bytes, timeout_s, create=True, **kw)
 
     @staticmethod
-    def make_name(port: int | str | None = None) -> str:
-        """A fresh segment name: ``tpllama-<port>-<pid>-<uuid>``."""
-        port = os.environ.get("MASTER_PORT", "0") if port is None else port
-        return f"{PREFIX}{port}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    def make_name() -> str:
+        """A fresh segment name: ``tpllama-<pid>-<uuid>``."""
+        return f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
 
     @staticmethod
     def poison_by_name(name: str) -> bool:

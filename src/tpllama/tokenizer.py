@@ -1,16 +1,30 @@
-"""Tokenizers: from an HF directory (tokenizer.json or sentencepiece tokenizer.model) or built
-from a GGUF file's own vocabulary (converted once by transformers, then cached as tokenizer.json).
+"""Tokenizers: ids in, text out, chat template.
+
+Two kinds, behind one interface (``Tokenizer``):
+
+- ``HFTokenizer``: a ``tokenizer.json`` through transformers (or a GGUF file's own vocabulary,
+  converted once by transformers and cached as ``tokenizer.json``);
+- ``SentencePieceTokenizer``: a sentencepiece ``tokenizer.model`` with no ``tokenizer.json``
+  beside it (LLaMA-1 and -2 checkpoints such as decapoda-research/llama-13b-hf), read by
+  sentencepiece itself: transformers would have to convert it (protobuf, a known class name), and
+  LLaMA-1 checkpoints name a class it does not know (``LLaMATokenizer``).
+
+Special token ids come from the tokenizer, not from ``config.json``: LLaMA-1 conversions carry
+wrong ones there (bos 0 / eos 1, where the tokenizer's are 1 and 2). ``special_ids`` decides.
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
 import logging
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
+
+from .staging import StagedWrite
+
+log = logging.getLogger("tpllama")
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -24,18 +38,53 @@ TOKENIZER_FILES = (
 
 
 class Tokenizer:
-    """A thin wrapper over a transformers tokenizer: ids in, text out, chat template."""
+    """The interface every tokenizer offers. ``*_id`` are None where the tokenizer has none."""
 
-    def __init__(self, hf_tokenizer, eos_ids: tuple[int, ...] = ()):
-        self.hf = hf_tokenizer
-        ids = set(eos_ids)
-        if hf_tokenizer.eos_token_id is not None:
-            ids.add(int(hf_tokenizer.eos_token_id))
-        self.eos_ids = tuple(sorted(ids))
+    bos_id: int | None = None
+    eos_id: int | None = None
+    unk_id: int | None = None
+    pad_id: int | None = None
+    chat_template: str | None = None
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        return () if self.eos_id is None else (self.eos_id,)
 
     @property
     def has_chat_template(self) -> bool:
-        return bool(getattr(self.hf, "chat_template", None))
+        return bool(self.chat_template)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        raise NotImplementedError
+
+    def max_token_chars(self) -> int:
+        """An upper bound on the characters of text one token stands for (for cheap length checks)."""
+        raise NotImplementedError
+
+    def chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of ``messages`` under the model's chat template (plain concatenation without one)."""
+        if not self.has_chat_template:
+            text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
+            return self.encode(text)
+        return self._render_chat(messages, add_generation_prompt)
+
+    def _render_chat(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+        raise NotImplementedError
+
+
+class HFTokenizer(Tokenizer):
+    """A transformers tokenizer (``tokenizer.json``)."""
+
+    def __init__(self, hf_tokenizer):
+        self.hf = hf_tokenizer
+        for name in ("bos", "eos", "unk", "pad"):
+            value = getattr(hf_tokenizer, f"{name}_token_id", None)
+            setattr(self, f"{name}_id", None if value is None else int(value))
+        self.chat_template = getattr(hf_tokenizer, "chat_template", None)
+        self._max_chars: int | None = None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
@@ -43,20 +92,127 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of ``messages`` under the model's chat template (plain concatenation without one)."""
-        if not self.has_chat_template:
-            text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
-            return self.encode(text)
+    def max_token_chars(self) -> int:
+        # vocabulary strings spell byte-level BPE one character per byte, and sentencepiece
+        # pieces one character per character: either way no shorter than the text they stand for
+        if self._max_chars is None:
+            self._max_chars = max(len(t) for t in self.hf.get_vocab())
+        return self._max_chars
+
+    def _render_chat(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
         out = self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
         if isinstance(out, dict) or hasattr(out, "keys"):
             out = out["input_ids"]
         return list(out)
 
-    def save(self, directory: Path) -> None:
-        self.hf.save_pretrained(str(directory))
+
+class SentencePieceTokenizer(Tokenizer):
+    """A sentencepiece ``tokenizer.model`` read by sentencepiece: ids exactly as
+    ``SentencePieceProcessor.encode``/``decode`` give them, BOS prepended as LLaMA did
+    (``add_bos_token`` / ``add_eos_token`` of ``tokenizer_config.json``, default BOS only)."""
+
+    def __init__(self, model_file: Path, tokenizer_config: dict | None = None, chat_template: str | None = None):
+        import sentencepiece
+
+        cfg = tokenizer_config or {}
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+        for name, value in (("bos", self.sp.bos_id()), ("eos", self.sp.eos_id()), ("unk", self.sp.unk_id()),
+                            ("pad", self.sp.pad_id())):
+            setattr(self, f"{name}_id", value if value >= 0 else None)
+        self.add_bos = bool(cfg.get("add_bos_token", True)) and self.bos_id is not None
+        self.add_eos = bool(cfg.get("add_eos_token", False)) and self.eos_id is not None
+        self.chat_template = chat_template or (cfg.get("chat_template") if isinstance(cfg.get("chat_template"), str) else None)
+        self._max_chars: int | None = None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = list(self.sp.encode(text))
+        if add_special_tokens:
+            ids = ([self.bos_id] if self.add_bos else []) + ids + ([self.eos_id] if self.add_eos else [])
+        return ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        ids = [int(i) for i in ids]
+        if not skip_special_tokens:
+            # control tokens (<s>, </s>) decode to nothing in sentencepiece: spell them out
+            out, run = [], []
+            for i in ids:
+                if self.sp.is_control(i):
+                    out.append(self.sp.decode(run))
+                    out.append(self.sp.id_to_piece(i))
+                    run = []
+                else:
+                    run.append(i)
+            return "".join(out) + self.sp.decode(run)
+        return self.sp.decode(ids)
+
+    def max_token_chars(self) -> int:
+        if self._max_chars is None:
+            self._max_chars = max(len(self.sp.id_to_piece(i)) for i in range(self.sp.get_piece_size()))
+        return self._max_chars
+
+    def _render_chat(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise jinja2.exceptions.TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        piece = self.sp.id_to_piece
+        text = env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=piece(self.bos_id) if self.bos_id is not None else "",
+            eos_token=piece(self.eos_id) if self.eos_id is not None else "")
+        # the template writes <s>/</s> as text; sentencepiece would spell them out letter by letter
+        ids: list[int] = []
+        specials = {piece(i): i for i in (self.bos_id, self.eos_id) if i is not None}
+        for chunk in _split_keep(text, list(specials)):
+            ids.extend([specials[chunk]] if chunk in specials else self.sp.encode(chunk) if chunk else [])
+        return ids
 
 
+def _split_keep(text: str, separators: list[str]) -> list[str]:
+    """``text`` cut around every occurrence of any separator, separators kept as their own pieces."""
+    pieces, start, i = [], 0, 0
+    while i < len(text):
+        hit = next((s for s in separators if s and text.startswith(s, i)), None)
+        if hit is None:
+            i += 1
+            continue
+        pieces.extend([text[start:i], hit])
+        i += len(hit)
+        start = i
+    pieces.append(text[start:])
+    return pieces
+
+
+# ---------------------------------------------------------------------- special ids
+def special_ids(config_eos: tuple[int, ...], config_pad: int | None, tokenizer: Tokenizer | None,
+                vocab_size: int) -> tuple[tuple[int, ...], int]:
+    """(EOS ids, pad id) of a model. The tokenizer's own EOS always counts; an id from
+    ``config.json`` is kept only where it is inside the vocabulary and the tokenizer does not give
+    it another role (LLaMA-1 conversions say eos 1, which is the tokenizer's BOS). The pad id:
+    the config's (unless it is the BOS), else the tokenizer's, else the first EOS, else 0."""
+    bos = {tokenizer.bos_id} - {None} if tokenizer is not None else set()
+    not_eos = bos | ({tokenizer.unk_id} - {None} if tokenizer is not None else set())
+    eos = set(tokenizer.eos_ids) if tokenizer is not None else set()
+    for e in config_eos:
+        if e in not_eos or not 0 <= e < vocab_size:
+            log.info("ignoring config.json's eos_token_id %d (the tokenizer's BOS/UNK, or outside the vocabulary "
+                        "of %d); EOS ids: %s", e, vocab_size, sorted(eos) or "none")
+            continue
+        eos.add(e)
+    eos_ids = tuple(sorted(eos))
+    pad = config_pad if config_pad is not None and 0 <= config_pad < vocab_size and config_pad not in bos else None
+    if pad is None and tokenizer is not None:
+        pad = tokenizer.pad_id
+    if pad is None:
+        pad = eos_ids[0] if eos_ids else 0
+    return eos_ids, int(pad)
+
+
+# ---------------------------------------------------------------------- loading
 def _quiet_transformers():
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -67,44 +223,61 @@ def has_tokenizer_files(directory: Path) -> bool:
     return (directory / "tokenizer.json").is_file() or (directory / "tokenizer.model").is_file()
 
 
-def load_hf_tokenizer(directory: Path, eos_ids: tuple[int, ...] = ()) -> Tokenizer | None:
-    """The tokenizer saved in ``directory``, or None when it holds no tokenizer files."""
-    if not has_tokenizer_files(directory):
-        return None
-    _quiet_transformers()
-    from transformers import AutoTokenizer
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        log.warning("ignoring %s: %s", path, err)
+        return {}
+    return value if isinstance(value, dict) else {}
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-    return Tokenizer(tok, eos_ids)
+
+def load_tokenizer(directory: Path) -> Tokenizer | None:
+    """The tokenizer saved in ``directory``, or None when it holds no tokenizer files."""
+    if (directory / "tokenizer.json").is_file():
+        _quiet_transformers()
+        from transformers import AutoTokenizer
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        return HFTokenizer(tok)
+    if (directory / "tokenizer.model").is_file():
+        template_file = directory / "chat_template.jinja"
+        template = template_file.read_text() if template_file.is_file() else None
+        return SentencePieceTokenizer(directory / "tokenizer.model", _read_json(directory / "tokenizer_config.json"),
+                                      template)
+    return None
 
 
 def gguf_tokenizer_dir(gguf_path: Path, cache_dir: Path) -> Path | None:
     """A directory with tokenizer files converted from the GGUF's vocabulary (cached by file
     identity). None if the GGUF carries no vocabulary."""
+    import hashlib
+
     st = gguf_path.stat()
     key = hashlib.sha256(f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
     target = cache_dir / "tokenizers" / key
     if has_tokenizer_files(target):
         return target
-    _quiet_transformers()
-    from transformers import AutoTokenizer
+    with StagedWrite(target) as staged:
+        if has_tokenizer_files(target):  # another process converted it while we waited
+            return target
+        _quiet_transformers()
+        from transformers import AutoTokenizer
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True)
-    except Exception as err:  # no vocabulary, or one transformers cannot convert
-        logging.getLogger("tpllama").warning("no tokenizer from %s: %s", gguf_path, err)
-        return None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    try:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True)
+        except Exception as err:  # no vocabulary, or one transformers cannot convert
+            log.warning("no tokenizer from %s: %s", gguf_path, err)
+            return None
+        tmp = staged.temp_dir()
         tok.save_pretrained(str(tmp))
-        os.replace(tmp, target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)  # another process got there first
+        staged.publish(tmp)
     return target
 
 

@@ -12,7 +12,7 @@ import torch
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .dist import init_ranks, set_parent_death_signal
+    from .dist import LocalStore, init_ranks, set_parent_death_signal
     from .engine import _agree_loaded, _load_rank
     from .loading import parse_dtype
     from .runner import follow
@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     from pathlib import Path
 
-    ctx = init_ranks(rank, a.world_size, a.device, a.timeout)
+    store = LocalStore(a.world_size, a.timeout, port=int(os.environ["MASTER_PORT"]))
+    ctx = init_ranks(rank, a.world_size, a.device, a.timeout, local_store=store, loopback_only=True)
     model, _share, _args, err = _load_rank(Path(a.parts), rank, a.world_size, parse_dtype(a.dtype), ctx)
     try:
         _agree_loaded(ctx, err, None)
