@@ -5,7 +5,7 @@
 Loads the default model (quant auto, as `tpllama bench`), feeds one prompt of --input-len
 random tokens, and times --output-len greedy decode steps with timers wrapped around
 ``runner.forward`` and the model's ``reduce``. At N > 1, time inside ``reduce`` is mostly rank 0
-waiting for the slower rank; the exchange itself is a few microseconds (``python -m tpllama.shm 2``).
+waiting for the slower rank; the exchange itself is a few microseconds (``python -m tpllama.bench.collectives 2``).
 """
 
 import argparse

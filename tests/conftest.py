@@ -25,7 +25,7 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def smol_gguf() -> Path:
     """The default model's GGUF (fetched into the cache on first use)."""
-    from tpllama.default_model import default_model_path
+    from tpllama.weights.default_model import default_model_path
 
     return default_model_path()
 

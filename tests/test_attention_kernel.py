@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tpllama import kernels
-from tpllama.model import decode_attention
+from tpllama.model.llama import decode_attention
 
 
 @pytest.mark.skipif(not kernels.available(), reason="AVX2 kernels cannot be built on this machine")

@@ -86,7 +86,7 @@ def test_bench_compare_hf_end_to_end(tmp_path, capsys):
 
 def test_bench_synthetic_world_size_2(tmp_path, capsys):
     # the shared cache (as other tests' cuts): the synthetic parts and compiled extensions are reused
-    from tpllama.default_model import cache_dir
+    from tpllama.env import cache_dir
 
     out = tmp_path / "synthetic.json"
     rc = main(["bench", "--synthetic", "smollm2-135m", "--world-size", "2", "--dtype", "bfloat16", "--input-len", "8",

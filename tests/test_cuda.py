@@ -14,7 +14,7 @@ import torch
 
 import tpllama
 from helpers import TINY_CONFIGS, hf_greedy, hf_model
-from tpllama.cut import cut
+from tpllama.weights.parts import cut
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none); "
                                 "scripts/gpu-check.sh runs these on a GPU machine")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tpllama
-from tpllama.checkpoint import CheckpointError
+from tpllama.weights.checkpoint import CheckpointError
 from tpllama.config import ConfigError
 
 

@@ -1,4 +1,4 @@
-"""The fused C++ decode blocks (tpllama.fused) against the modules' decode path, same weights."""
+"""The fused C++ decode blocks (tpllama.model.fused) against the modules' decode path, same weights."""
 
 import pytest
 import torch
@@ -6,7 +6,8 @@ import torch
 import tpllama
 from helpers import make_tiny_hf
 from tpllama import kernels
-from tpllama.fused import fused_layers
+from tpllama.engine.runner import run_model
+from tpllama.model.fused import fused_layers
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="AVX2 kernels cannot be built on this machine")
 
@@ -26,9 +27,10 @@ def _prefill(model, lengths, slots):
 
 
 def _step(model, fused: bool, tokens, positions, rows):
+    """A decode step as the runner runs it (it chooses the fused blocks when the model allows)."""
     model.fused_decode = fused
     try:
-        return model(tokens, positions, rows)[:, 0]
+        return run_model(model, tokens, positions, rows)[:, 0]
     finally:
         model.fused_decode = True
 

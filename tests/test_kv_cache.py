@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import tpllama
-from tpllama.runner import CMD_STOP, Runner, follow
+from tpllama.engine.runner import CMD_STOP, ModelRunner, follow
 
 
 def test_bad_choice_refused_before_loading(tiny_dirs):
@@ -63,7 +63,7 @@ def test_other_ranks_get_the_cache_dtype(tiny_dirs):
     """Rank 0 sends the KV dtype with the cache command; a following rank allocates the same."""
     with tpllama.load(tiny_dirs["q32"], quant="int8") as leader, tpllama.load(tiny_dirs["q32"], quant="int8") as other:
         ctx = _Recorder()
-        runner = Runner(leader.runner.model, ctx, torch.float16)
+        runner = ModelRunner(leader.runner.model, ctx, torch.float16)
         runner.ensure_cache(3, 48)
         runner.stop()
         assert [int(m[0]) for m in ctx.sent][-1] == CMD_STOP

@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from helpers import hf_greedy, hf_model, make_llama1_checkpoint  # noqa: E402
 
 import tpllama  # noqa: E402
-from tpllama.cut import cut  # noqa: E402
-from tpllama.tokenizer import SentencePieceTokenizer  # noqa: E402
+from tpllama.weights.parts import cut  # noqa: E402
+from tpllama.weights.tokenizer import SentencePieceTokenizer  # noqa: E402
 
 TEXTS = ["Hello world, the capital of France is Paris.", "  two  spaces and\nnew lines\t", "ünïcödé → 東京 🙂", ""]
 

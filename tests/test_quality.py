@@ -3,7 +3,7 @@
 import torch
 
 import tpllama
-from tpllama.quality import agreement, greedy_choices, reference_answers
+from tpllama.bench.quality import agreement, greedy_choices, reference_answers
 
 
 def _prompts():

@@ -1,12 +1,13 @@
-"""Tests for tpllama.quant (block-quantized linear layers) and the AVX2 kernels."""
+"""Tests for tpllama.model.quant (block-quantized linear layers) and the AVX2 kernels."""
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tpllama import kernels, quant
-from tpllama.quant import (QUANT_SCHEMES, Int4Linear, Int8Linear, QuantLinear, cat_rows, from_gguf_blocks,
+from tpllama import kernels
+from tpllama.model import quant
+from tpllama.model.quant import (QUANT_SCHEMES, Int4Linear, Int8Linear, QuantLinear, cat_rows, from_gguf_blocks,
                            quantize_weight, stored_names)
 
 gguf = pytest.importorskip("gguf")
@@ -290,7 +291,9 @@ def test_float32_scales_accepted():
 
 @needs_kernels
 def test_bench_matvec_smoke():
-    r = kernels.bench_matvec(64, 128, "int8", threads=1, min_time=0.01, probe_bytes=1 << 22)
+    from tpllama.bench.kernels import bench_matvec
+
+    r = bench_matvec(64, 128, "int8", threads=1, min_time=0.01, probe_bytes=1 << 22)
     assert r["gbps"] > 0 and r["probe_gbps"] > 0 and r["kernel"]
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tpllama
-from tpllama.cut import cut
+from tpllama.weights.parts import cut
 
 # int8 weights (per 32-block) x int8 activations: logits within 5% of the float logits' range;
 # int4: within 25%. Gaussian random weights are the worst case for 4 bits (measured here: ~16%);

@@ -96,8 +96,9 @@ class Server:
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory) -> Path:
     """A tiny random LLaMA with SmolLM2's vocabulary, tokenizer and chat template."""
-    from tpllama.default_model import cache_dir, default_model_path
-    from tpllama.tokenizer import gguf_tokenizer_dir
+    from tpllama.env import cache_dir
+    from tpllama.weights.default_model import default_model_path
+    from tpllama.weights.tokenizer import gguf_tokenizer_dir
 
     d = make_tiny_hf(tmp_path_factory.mktemp("srv") / "tiny-chat", "smol-like", seed=3, vocab_size=49152,
                      max_position_embeddings=CONTEXT)
@@ -576,7 +577,7 @@ def test_rank_death(chat_model, tmp_path_factory):
     s = Server(chat_model, make_fresh_cache(tmp_path_factory.mktemp("srv2") / "cache"), "--timeout", "10")
     try:
         tree = s.tree()
-        workers = [p for p in tree if "tpllama.worker" in " ".join(p.cmdline())]
+        workers = [p for p in tree if "tpllama.parallel.worker" in " ".join(p.cmdline())]
         assert len(workers) == 1, [p.cmdline() for p in tree]
         # a request in flight when the rank dies gets an error
         got: list[str] = []

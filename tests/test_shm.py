@@ -11,8 +11,8 @@ import traceback
 import pytest
 import torch
 
-from tpllama import shm
-from tpllama.shm import ShmCollectives
+from tpllama.parallel import shm
+from tpllama.parallel.shm import ShmCollectives
 
 pytestmark = [
     pytest.mark.skipif(not shm.available(), reason="shared-memory collectives extension not available"),

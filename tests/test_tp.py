@@ -17,9 +17,9 @@ import torch
 from safetensors import safe_open
 
 import tpllama
-from tpllama.checkpoint import CheckpointError, open_checkpoint
-from tpllama.cut import cut
-from tpllama.shard import ShardError, plan, split_rule
+from tpllama.weights.checkpoint import CheckpointError, open_checkpoint
+from tpllama.weights.parts import cut
+from tpllama.parallel.plan import ShardError, plan, split_rule
 
 LOGIT_TOL = 1e-4
 
@@ -133,7 +133,7 @@ def test_damaged_manifest_is_bad_input_before_any_rank_starts(tiny_dirs, tmp_pat
         expect = "entry 1 of its ranks is rank 0 of 2"
     (out / "manifest.json").write_text(json.dumps(manifest))
     started = []
-    monkeypatch.setattr("tpllama.engine.Workers", lambda *a, **k: started.append(a))
+    monkeypatch.setattr("tpllama.parallel.launch.Workers", lambda *a, **k: started.append(a))
     with pytest.raises(CheckpointError, match=re.escape(expect)):
         tpllama.load(out, world_size=world_size)
     assert started == []  # refused before any rank started
@@ -145,7 +145,7 @@ def test_damaged_manifest_is_bad_input_before_any_rank_starts(tiny_dirs, tmp_pat
 
 SLOW_CUT = textwrap.dedent("""
     import sys, time
-    import tpllama.cut as cutmod
+    import tpllama.weights.parts as cutmod
     real = cutmod.SafetensorsStreamWriter.write
     def slow_write(self, name, tensor):
         real(self, name, tensor)
@@ -199,22 +199,22 @@ def test_a_running_cut_keeps_its_temporary_and_a_second_cut_waits(tiny_dirs, tmp
 
 
 def test_cache_cut_removes_stale_temporaries(tiny_dirs, fresh_cache, monkeypatch):
-    from tpllama.engine import resolve_parts
+    from tpllama.weights.source import resolve_parts
 
     monkeypatch.setenv("TPLLAMA_CACHE", str(fresh_cache))
-    first, _ = resolve_parts(tiny_dirs["gqa6"], 2, torch.float32, None, progress=False)
+    first = resolve_parts(tiny_dirs["gqa6"], 2, torch.float32, None, progress=False)
     import shutil
 
     shutil.rmtree(first)  # as if it had never finished; a killed cut left this beside it:
     stale = first.parent / f".{first.name}.tmp-killed"
     (stale / "part_model" / "0").mkdir(parents=True)
-    again, _ = resolve_parts(tiny_dirs["gqa6"], 2, torch.float32, None, progress=False)
+    again = resolve_parts(tiny_dirs["gqa6"], 2, torch.float32, None, progress=False)
     assert again == first and (first / "manifest.json").is_file() and not stale.exists()
     assert sorted(p.name for p in first.parent.iterdir()) == [first.name]
 
 
 def test_interrupted_cut_leaves_nothing_loadable_and_rerun_works(tiny_dirs, tmp_path, monkeypatch):
-    import tpllama.cut as cutmod
+    import tpllama.weights.parts as cutmod
 
     target = tmp_path / "parts"
     calls = {"n": 0}
@@ -257,7 +257,7 @@ RUNNER = textwrap.dedent("""
     try:
         while True:
             engine.generate([[5, 6, 7]], max_new_tokens=200, ignore_eos=True)
-    except tpllama.dist.RankFailure as err:
+    except tpllama.RankFailure as err:
         print("rank failure:", err, flush=True)
         engine.close()
         sys.exit(3)

@@ -4,71 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-from . import __version__
+from .flags import add_model_args, add_sampling_args, engine_config, sampling_kwargs
+from .version import __version__
 
 EXIT_BAD_INPUT = 2
 EXIT_RANK_FAILURE = 1
 
 
-# ---------------------------------------------------------------------- shared options
-def add_model_args(p: argparse.ArgumentParser, default_world_size: int = 1) -> None:
-    g = p.add_argument_group("model and ranks")
-    g.add_argument("--model", default=None, help="HF directory, .gguf file or cut directory (default: SmolLM2-135M-Instruct)")
-    g.add_argument("--world-size", type=int, default=None,
-                   help=f"number of tensor-parallel ranks (default {default_world_size}; under torchrun: its WORLD_SIZE)")
-    g.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default float32)")
-    g.add_argument("--quant", default="auto",
-                   help="weights: auto (keep a GGUF file's own Q8_0/Q4_0/Q4_1 blocks, others float; the default) | "
-                        "none (all float) | int8 | int4")
-    g.add_argument("--kv-cache", default="auto",
-                   help="KV cache element type: auto (float16 for quantized weights on the CPU, else --dtype; the "
-                        "default) | float32 | float16")
-    g.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
-    g.add_argument("--threads", type=int, default=None, help="threads per rank (default: cores / ranks)")
-    g.add_argument("--timeout", type=float, default=60.0, help="seconds before a stuck rank is declared dead (default 60)")
-    p.set_defaults(default_world_size=default_world_size)
+def open_engine(a: argparse.Namespace, progress: bool = True, **extra):
+    from .engine.load import start
 
-
-def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
-    g = p.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-
-
-def sampling_kwargs(a: argparse.Namespace) -> dict:
-    return dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, repetition_penalty=a.repetition_penalty,
-                seed=a.seed, stop=tuple(a.stop))
-
-
-def world_size_of(a: argparse.Namespace) -> int:
-    from .dist import launched_by_torchrun
-
-    if a.world_size is not None:
-        return a.world_size
-    if launched_by_torchrun():
-        return int(os.environ["WORLD_SIZE"])
-    return a.default_world_size
-
-
-def open_engine(a: argparse.Namespace, progress: bool = True):
-    from . import load
-
-    return load(a.model, world_size=world_size_of(a), dtype=a.dtype, quant=a.quant, device=a.device,
-                threads=a.threads, timeout_s=a.timeout, progress=progress, kv_cache=a.kv_cache)
-
-
-def is_rank0() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    return start(engine_config(a, progress=progress, **extra))
 
 
 # ---------------------------------------------------------------------- cut
@@ -81,11 +31,12 @@ def add_cut_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_cut(a: argparse.Namespace) -> int:
-    from .cut import cut
-    from .loading import parse_dtype, parse_quant
+    from .config import EngineConfig
+    from .weights.parts import cut
 
+    cfg = EngineConfig(model=a.input, world_size=a.world_size, dtype=a.dtype, quant=a.quant).validate()
     t0 = time.perf_counter()
-    out = cut(a.input, a.output, a.world_size, dtype=parse_dtype(a.dtype), quant=parse_quant(a.quant), progress=True)
+    out = cut(a.input, a.output, a.world_size, dtype=cfg.torch_dtype, quant=cfg.quant, progress=True)
     manifest = json.loads((out / "manifest.json").read_text())
     for r in manifest["ranks"]:
         s = r["share"]
@@ -132,7 +83,7 @@ def read_prompts(path: str | None) -> list[str]:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from .bench import hardware_name, measure, seed_table
+    from .bench.timing import hardware_name, measure, seed_table
 
     prompts = read_prompts(a.prompts)
     for name in ("max_new_tokens", "input_len", "output_len"):
@@ -255,9 +206,9 @@ def _lazy(module: str):
 
 def commands() -> dict:
     """name -> (help, add_arguments, main). bench and serve live in their own modules."""
-    bench_add, bench_main = _lazy("bench")
-    serve_add, serve_main = _lazy("server_cli")
-    quality_add, quality_main = _lazy("quality")
+    bench_add, bench_main = _lazy("bench.command")
+    serve_add, serve_main = _lazy("serve.cli")
+    quality_add, quality_main = _lazy("bench.quality")
     return {
         "cut": ("cut a checkpoint into N tensor-parallel parts", add_cut_args, cmd_cut),
         "run": ("the seed's job: warm-up, 16 Q&A, performance table", add_run_args, cmd_run),
@@ -284,11 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import logging
 
-    from .checkpoint import CheckpointError
     from .config import ConfigError
-    from .default_model import ModelFetchError
-    from .dist import RankFailure
-    from .shard import ShardError
+    from .env import is_rank0
+    from .parallel.comm import RankFailure
+    from .parallel.plan import ShardError
+    from .weights.checkpoint import CheckpointError
+    from .weights.default_model import ModelFetchError
 
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(name)s: %(message)s")

@@ -1,8 +1,12 @@
-"""ModelArgs: the architecture of a LLaMA-family model, and nothing else.
+"""The two configuration objects.
 
-Built from a Hugging Face ``config.json`` (LLaMA-1/2/3 spellings, old ``rope_theta`` +
-``rope_scaling`` and new ``rope_parameters``) or from GGUF metadata (``llama.*`` keys).
-Runtime knobs (dtype, world size, threads, quantization) live elsewhere.
+``ModelArgs``: the architecture of a LLaMA-family model, and nothing else. Built from a Hugging
+Face ``config.json`` (LLaMA-1/2/3 spellings, old ``rope_theta`` + ``rope_scaling`` and new
+``rope_parameters``) or from GGUF metadata (``llama.*`` keys).
+
+``EngineConfig``: every setting of an engine (model path, ranks, dtype, quantization, KV cache,
+device, threads, timeout, batch and cache limits), validated once where it is made (flags or
+``tpllama.load`` keywords) and sent whole to every rank.
 """
 
 from __future__ import annotations
@@ -12,6 +16,12 @@ import json
 import math
 from pathlib import Path
 from typing import Any
+
+DTYPES = ("float32", "bfloat16", "float16")
+QUANT_SCHEMES = ("int8", "int4")  # stored forms of quantized linear layers (GGUF Q8_0 / Q4_1 layouts)
+AUTO = "auto"  # quantization: keep a GGUF file's own Q8_0/Q4_0/Q4_1 blocks as they are; everything else float
+KV_CACHE_CHOICES = ("auto", "float32", "float16")
+DEFAULT_TIMEOUT_S = 60.0
 
 LLAMA_ARCHITECTURES = ("LlamaForCausalLM", "LLaMAForCausalLM")  # the second: LLaMA-1 conversions (decapoda)
 LLAMA_MODEL_TYPES = ("llama",)
@@ -209,6 +219,85 @@ class ModelArgs:
             eos_token_ids=(int(eos),) if eos is not None else (),
             pad_token_id=_opt_int(fields.get("tokenizer.ggml.padding_token_id")),
         )
+
+
+# ---------------------------------------------------------------------- engine settings
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Every setting of an engine. ``validate()`` (called by every maker) checks each field and
+    returns the normal form; the result is what every rank receives.
+
+    model: an HF directory, a .gguf file or a cut directory; None = the default model.
+    parts: the cut directory the ranks load (filled in on rank 0 before the ranks start; None
+        for one rank reading the checkpoint directly).
+    quant: None (float), "auto", "int8" or "int4". kv_cache: "auto", "float32" or "float16".
+    threads: per rank (None: cores on this host / ranks on this host).
+    max_batch: KV-cache slots, i.e. sequences decoded together (more wait for a slot); None: as
+        many as are queued when the engine is idle.
+    max_seq_len: tokens per sequence the KV cache holds (None: as needed, up to the model's context).
+    shared_memory: shared-memory collectives between the ranks of one host (else gloo).
+    """
+
+    model: str | None = None
+    world_size: int = 1
+    dtype: str = "float32"
+    quant: str | None = None
+    kv_cache: str = "auto"
+    device: str | None = None
+    threads: int | None = None
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    max_batch: int | None = None
+    max_seq_len: int | None = None
+    shared_memory: bool = True
+    progress: bool = False
+    parts: str | None = None
+
+    def validate(self) -> "EngineConfig":
+        """The normal form of this config; ValueError naming the field and what is allowed."""
+        dtype = str(self.dtype).removeprefix("torch.")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
+        quant = None if self.quant in (None, "", "none") else self.quant
+        if quant is not None and quant != AUTO and quant not in QUANT_SCHEMES:
+            raise ValueError(f"quantization {self.quant!r} is not supported; allowed: none, {AUTO}, {', '.join(QUANT_SCHEMES)}")
+        kv = "auto" if self.kv_cache is None else self.kv_cache
+        if kv not in KV_CACHE_CHOICES:
+            raise ValueError(f"kv_cache {self.kv_cache!r} is not supported; allowed: {', '.join(KV_CACHE_CHOICES)}")
+        for name, value in (("world_size", self.world_size), ("max_batch", 1 if self.max_batch is None else self.max_batch)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"threads must be a positive integer, got {self.threads!r}")
+        if self.max_seq_len is not None and (isinstance(self.max_seq_len, bool) or not isinstance(self.max_seq_len, int)
+                                             or self.max_seq_len < 2):
+            raise ValueError(f"max_seq_len must be an integer >= 2, got {self.max_seq_len!r}")
+        t = self.timeout_s
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            raise ValueError(f"timeout_s must be a positive number of seconds, got {t!r}")
+        model = None if self.model is None else str(Path(self.model).expanduser())
+        return dataclasses.replace(self, model=model, dtype=dtype, quant=quant, kv_cache=kv, timeout_s=float(t))
+
+    @property
+    def torch_dtype(self):
+        return torch_dtype(self.dtype)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "EngineConfig":
+        return cls(**json.loads(text))
+
+
+def torch_dtype(name: str):
+    """"float32" | "bfloat16" | "float16" (or a torch dtype) -> the torch dtype."""
+    import torch
+
+    if isinstance(name, torch.dtype):
+        name = str(name).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not supported; allowed: {', '.join(DTYPES)}")
+    return getattr(torch, name)
 
 
 def _opt_int(value: Any) -> int | None:

@@ -1,17 +1,22 @@
-"""Optional hand-written CPU kernels (AVX2/FMA/F16C) for the quantized linear layers.
+"""The C++ extensions and their one builder.
 
-The C++ source next to this file is compiled on first use with
-``torch.utils.cpp_extension.load`` into
-``$TPLLAMA_CACHE/ext/<hash of source, flags and torch version>`` (default cache
-``~/.cache/tpllama``), so a rebuild only happens when the source (or torch) changes.
-Concurrent builds from several processes are serialized with a lock file.
+Two extensions are built from the sources next to this file, on first use, with
+``torch.utils.cpp_extension.load``:
 
-``get()`` returns the compiled module, or ``None`` when the kernels cannot be used
-(not x86-64 with AVX2+FMA, no C++ compiler, build failure -> one logged warning) or when
-the environment variable ``TPLLAMA_NO_KERNELS=1`` is set (checked on every call, so tests
-can flip it). Callers then use the pure-PyTorch fallback.
+- the compute kernels (``matvec_avx2.cpp`` with ``attention_avx2.inc`` and ``decode_layer.inc``):
+  AVX2/FMA/F16C matrix-vector products on the quantized layouts of ``tpllama.model.quant``,
+  one-query attention and the fused decode blocks (``get()``);
+- the shared-memory collectives of the ranks of one host (``shm_collectives.cpp``, used by
+  ``tpllama.parallel.shm``; ``collectives()``).
 
-Module functions (all CPU, float32 activations, stored weight layouts of ``tpllama.quant``):
+Each goes to ``$TPLLAMA_CACHE/ext/<name>-<hash of sources, flags, torch and Python version>``, so
+it is rebuilt only when one of those changes; concurrent builds from several processes are
+serialized with a lock file. ``get()``/``collectives()`` return the module, or None when it cannot
+be used (wrong CPU or OS, no compiler, a build failure: one logged warning) or is switched off
+(``TPLLAMA_NO_KERNELS=1`` / ``TPLLAMA_NO_SHM=1``, read at every call); callers then use the
+PyTorch (or gloo) fallbacks.
+
+Compute kernel functions (CPU, float32 activations):
   q8_matvec(x[M,K], qweight int8[N,K], scales f16|f32[N,K/32]) -> y[M,N]
   q4_matvec(x[M,K], qweight uint8[N,K/2], scales, mins) -> y[M,N]
   q8_dequant(qweight, scales) -> float32[N,K];  q4_dequant(qweight, scales, mins) -> float32[N,K]
@@ -26,30 +31,22 @@ import os
 import platform
 import sys
 import threading
-import time
+from typing import Callable
 
 import torch
 
-__all__ = ["available", "get", "bench_matvec", "build_dir", "build_extension"]
+from .. import env
+
+__all__ = ["available", "get", "collectives", "build", "cpu_supported"]
 
 log = logging.getLogger(__name__)
 
-_SOURCES = ("matvec_avx2.cpp",)
-_INCLUDES = ("attention_avx2.inc", "decode_layer.inc")  # #included by the sources: part of the build hash
-_CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-DNDEBUG"]
-_LDFLAGS = ["-fopenmp"]
-
-_lock = threading.Lock()
-_module = None
-_tried = False
+HERE = os.path.dirname(os.path.abspath(__file__))
+AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
 
 
-def _disabled_by_env() -> bool:
-    v = os.environ.get("TPLLAMA_NO_KERNELS")
-    return bool(v) and v.strip().lower() not in ("", "0", "false", "no")
-
-
-def _cpu_supported() -> tuple[bool, str]:
+def cpu_supported() -> tuple[bool, str]:
+    """(True, "") on an x86-64 CPU with AVX2, FMA and F16C; else (False, why)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False, f"CPU architecture {platform.machine()!r} is not x86-64"
     try:
@@ -63,8 +60,7 @@ def _cpu_supported() -> tuple[bool, str]:
             with open("/proc/cpuinfo") as f:
                 for line in f:
                     if line.startswith("flags"):
-                        flags = set(line.split(":", 1)[1].split())
-                        missing = {"avx2", "fma", "f16c"} - flags
+                        missing = {"avx2", "fma", "f16c"} - set(line.split(":", 1)[1].split())
                         if missing:
                             return False, f"CPU lacks {sorted(missing)}"
                         break
@@ -73,37 +69,11 @@ def _cpu_supported() -> tuple[bool, str]:
     return True, ""
 
 
-def _source_paths() -> list[str]:
-    here = os.path.dirname(os.path.abspath(__file__))
-    return [os.path.join(here, s) for s in _SOURCES]
-
-
-def _digest() -> str:
-    h = hashlib.sha256()
-    here = os.path.dirname(os.path.abspath(__file__))
-    for p in _source_paths() + [os.path.join(here, i) for i in _INCLUDES]:
-        with open(p, "rb") as f:
-            h.update(f.read())
-    h.update(torch.__version__.encode())
-    h.update(" ".join(_CFLAGS + _LDFLAGS).encode())
-    h.update(sys.version.encode())
-    return h.hexdigest()[:16]
-
-
-def build_dir() -> str:
-    """Directory where the extension for the current source/torch version is built."""
-    root = os.path.expanduser(os.environ.get("TPLLAMA_CACHE", "~/.cache/tpllama"))
-    return os.path.join(root, "ext", _digest())
-
-
 @contextlib.contextmanager
 def _file_lock(path: str):
     """Inter-process exclusive lock (fcntl, released automatically if the holder dies)."""
-    try:
-        import fcntl
-    except ImportError:  # non-POSIX: rely on torch's own FileBaton
-        yield
-        return
+    import fcntl
+
     with open(path, "a+") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
@@ -112,149 +82,92 @@ def _file_lock(path: str):
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def _build():
+def build(name: str, sources: list[str], includes: list[str], cflags: list[str], ldflags: list[str],
+          message: str):
+    """Compile (or load from the cache) the extension ``name`` from ``sources`` in this directory
+    (``includes``: files they #include, part of the hash). ``message`` is printed to stderr when an
+    actual build is needed. Raises on failure; the caller decides on the fallback."""
     from torch.utils import cpp_extension
 
-    bdir = build_dir()
-    os.makedirs(bdir, exist_ok=True)
-    name = "tpllama_kernels_" + os.path.basename(bdir)
-    with _file_lock(os.path.join(bdir, "tpllama.lock")):
-        # Under our lock no other tpllama process is building here, so a torch baton file
-        # left behind by a killed build is stale and would make torch wait forever.
-        stale = os.path.join(bdir, "lock")
-        if os.path.exists(stale):
-            with contextlib.suppress(OSError):
-                os.remove(stale)
-        if not os.path.exists(os.path.join(bdir, name + ".so")):
-            print("building tpllama CPU kernels (first use, ~1 min)", file=sys.stderr, flush=True)
-        return cpp_extension.load(
-            name=name,
-            sources=_source_paths(),
-            extra_cflags=_CFLAGS,
-            extra_ldflags=_LDFLAGS,
-            build_directory=bdir,
-            verbose=False,
-        )
-
-
-def build_extension(prefix: str, source: str, cflags: list[str], ldflags: list[str] = (),
-                    message: str | None = None):
-    """Compile (or load from the cache) another C++ extension next to this file.
-
-    Same scheme as the kernels: ``$TPLLAMA_CACHE/ext/<hash of source, flags, torch and Python
-    version>``, serialized across processes with a lock file, ``message`` printed to stderr
-    when an actual build is needed. ``source`` is a file name in this directory. Raises on
-    failure; the caller decides on the fallback.
-    """
-    from torch.utils import cpp_extension
-
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), source)
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        h.update(f.read())
-    for part in (prefix, torch.__version__, " ".join(list(cflags) + list(ldflags)), sys.version):
+    for f in list(sources) + list(includes):
+        with open(os.path.join(HERE, f), "rb") as fh:
+            h.update(fh.read())
+    for part in (name, torch.__version__, " ".join(list(cflags) + list(ldflags)), sys.version):
         h.update(part.encode())
-    root = os.path.expanduser(os.environ.get("TPLLAMA_CACHE", "~/.cache/tpllama"))
-    bdir = os.path.join(root, "ext", prefix + "-" + h.hexdigest()[:16])
+    digest = h.hexdigest()[:16]
+    bdir = os.path.join(str(env.cache_dir()), "ext", f"{name}-{digest}")
     os.makedirs(bdir, exist_ok=True)
-    name = prefix + "_" + h.hexdigest()[:16]
+    module_name = f"{name}_{digest}"
     with _file_lock(os.path.join(bdir, "tpllama.lock")):
-        stale = os.path.join(bdir, "lock")  # torch baton left by a killed build (see _build)
-        if os.path.exists(stale):
-            with contextlib.suppress(OSError):
-                os.remove(stale)
-        if message and not os.path.exists(os.path.join(bdir, name + ".so")):
+        # Under our lock no other tpllama process is building here, so a torch baton file left
+        # behind by a killed build is stale and would make torch wait forever.
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(bdir, "lock"))
+        if not os.path.exists(os.path.join(bdir, module_name + ".so")):
             print(message, file=sys.stderr, flush=True)
-        return cpp_extension.load(name=name, sources=[path], extra_cflags=list(cflags),
-                                  extra_ldflags=list(ldflags), build_directory=bdir, verbose=False)
+        return cpp_extension.load(name=module_name, sources=[os.path.join(HERE, s) for s in sources],
+                                  extra_cflags=list(cflags), extra_ldflags=list(ldflags), build_directory=bdir,
+                                  verbose=False)
+
+
+class Extension:
+    """One extension, built at most once per process on first use (see the module docstring)."""
+
+    def __init__(self, what: str, fallback: str, make: Callable[[], object], supported: Callable[[], tuple[bool, str]],
+                 disabled: Callable[[], bool]):
+        self.what, self.fallback = what, fallback
+        self._make, self._supported, self._disabled = make, supported, disabled
+        self._lock = threading.Lock()
+        self._module = None
+        self._tried = False
+
+    def get(self):
+        if self._disabled():
+            return None
+        if self._tried:
+            return self._module
+        with self._lock:
+            if not self._tried:
+                ok, why = self._supported()
+                if not ok:
+                    log.info("tpllama %s disabled: %s; using %s", self.what, why, self.fallback)
+                else:
+                    try:
+                        self._module = self._make()
+                    except Exception as e:  # compiler missing, build error, ...
+                        msg = str(e).strip().splitlines()
+                        log.warning("tpllama %s unavailable (%s: %s); using %s", self.what, type(e).__name__,
+                                    msg[-1] if msg else "", self.fallback)
+                self._tried = True
+        return self._module
+
+
+_COMPUTE = Extension(
+    "CPU kernels", "the slower PyTorch fallback",
+    lambda: build("tpllama_kernels", ["matvec_avx2.cpp"], ["attention_avx2.inc", "decode_layer.inc"],
+                  ["-O3", *AVX2_FLAGS, "-fopenmp", "-ffp-contract=off", "-DNDEBUG"], ["-fopenmp"],
+                  "building tpllama CPU kernels (first use, ~1 min)"),
+    cpu_supported, env.kernels_disabled)
+
+_COLLECTIVES = Extension(
+    "shared-memory collectives", "gloo",
+    lambda: build("tpllama_shm", ["shm_collectives.cpp"], [],
+                  ["-O3", "-DNDEBUG", "-ffp-contract=off"] + (AVX2_FLAGS if cpu_supported()[0] else []), ["-lrt"],
+                  "building tpllama shared-memory collectives (first use, ~1 min)"),
+    lambda: (True, "") if sys.platform.startswith("linux") else (False, "they need Linux"),
+    env.shared_memory_disabled)
 
 
 def get():
-    """The compiled kernel module, or None (fallback to pure PyTorch)."""
-    global _module, _tried
-    if "TPLLAMA_NO_KERNELS" in os.environ and _disabled_by_env():
-        return None
-    if _tried:
-        return _module
-    with _lock:
-        if _tried:
-            return _module
-        ok, why = _cpu_supported()
-        if not ok:
-            log.info("tpllama CPU kernels disabled: %s; using the PyTorch fallback", why)
-        else:
-            try:
-                _module = _build()
-            except Exception as e:  # compiler missing, build error, ...
-                _module = None
-                log.warning("tpllama CPU kernels unavailable (%s: %s); using the slower PyTorch fallback",
-                            type(e).__name__, str(e).strip().splitlines()[-1] if str(e).strip() else "")
-        _tried = True
-    return _module
+    """The compute kernels' module, or None (use the PyTorch fallback)."""
+    return _COMPUTE.get()
 
 
 def available() -> bool:
     return get() is not None
 
 
-# ----------------------------------------------------------------------------- benchmark
-
-def _probe_bandwidth(nbytes: int = 1 << 30, reps: int = 3) -> float:
-    """Read bandwidth in GB/s: best of `reps` timed sums over an `nbytes` float32 tensor."""
-    t = torch.ones(nbytes // 4, dtype=torch.float32)
-    t.sum()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        t.sum()
-        best = min(best, time.perf_counter() - t0)
-    del t
-    return nbytes / best / 1e9
-
-
-def bench_matvec(out: int, in_: int, scheme: str = "int8", threads: int | None = None, m: int = 1,
-                 min_time: float = 0.5, probe_bytes: int = 1 << 30) -> dict:
-    """Time the decode kernel (M=m rows of activations) on a random [out, in_] weight.
-
-    Several copies of the weight are cycled so that, as in a real model, every call streams
-    its weight from DRAM rather than from cache. Returns GB/s of stored weight bytes
-    (quants + scales [+ mins]), a bandwidth probe (timed ``sum()`` of ``probe_bytes``) run
-    right before and after in the same process, and the ratio.
-    """
-    from .. import quant
-
-    threads = int(threads or torch.get_num_threads())
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        lin = quant.quantize_weight(torch.randn(out, in_) * 0.02, scheme)
-        wbytes = sum(t.numel() * t.element_size() for t in lin.stored_tensors().values())
-        copies = max(1, min(64, -(-(256 << 20) // wbytes)))  # >= 256 MiB in rotation
-        mods = [lin] + [quant.QuantLinear.from_state(
-            {k: v.clone() for k, v in lin.stored_tensors().items()}) for _ in range(copies - 1)]
-        x = torch.randn(m, in_)
-        kernel = get() is not None
-        with torch.inference_mode():
-            for mod in mods:
-                mod(x)
-            probe1 = _probe_bandwidth(probe_bytes)
-            n = 0
-            t0 = time.perf_counter()
-            while True:
-                for mod in mods:
-                    mod(x)
-                n += len(mods)
-                dt = time.perf_counter() - t0
-                if dt >= min_time:
-                    break
-            probe2 = _probe_bandwidth(probe_bytes)
-        gbs = wbytes * n / dt / 1e9
-        probe = max(probe1, probe2)
-        return {
-            "out": out, "in": in_, "scheme": scheme, "threads": threads, "m": m, "kernel": kernel,
-            "weight_bytes": wbytes, "us_per_call": dt / n * 1e6, "gbps": gbs,
-            "probe_gbps": probe, "probe_before_gbps": probe1, "probe_after_gbps": probe2,
-            "pct_of_probe": 100.0 * gbs / probe,
-        }
-    finally:
-        torch.set_num_threads(old_threads)
+def collectives():
+    """The shared-memory collectives' module, or None (use gloo)."""
+    return _COLLECTIVES.get()

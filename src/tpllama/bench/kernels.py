@@ -1,0 +1,82 @@
+"""Micro-benchmark of the decode kernels: one quantized matrix-vector product against a memory
+bandwidth probe run in the same process (``python -m tpllama.bench.kernels OUT IN [int8|int4]
+[threads]``)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .. import kernels
+
+
+def _probe_bandwidth(nbytes: int = 1 << 30, reps: int = 3) -> float:
+    """Read bandwidth in GB/s: best of `reps` timed sums over an `nbytes` float32 tensor."""
+    t = torch.ones(nbytes // 4, dtype=torch.float32)
+    t.sum()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        t.sum()
+        best = min(best, time.perf_counter() - t0)
+    del t
+    return nbytes / best / 1e9
+
+
+def bench_matvec(out: int, in_: int, scheme: str = "int8", threads: int | None = None, m: int = 1,
+                 min_time: float = 0.5, probe_bytes: int = 1 << 30) -> dict:
+    """Time the decode kernel (M=m rows of activations) on a random [out, in_] weight.
+
+    Several copies of the weight are cycled so that, as in a real model, every call streams
+    its weight from DRAM rather than from cache. Returns GB/s of stored weight bytes
+    (quants + scales [+ mins]), a bandwidth probe (timed ``sum()`` of ``probe_bytes``) run
+    right before and after in the same process, and the ratio.
+    """
+    from ..model import quant
+
+    threads = int(threads or torch.get_num_threads())
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        lin = quant.quantize_weight(torch.randn(out, in_) * 0.02, scheme)
+        wbytes = sum(t.numel() * t.element_size() for t in lin.stored_tensors().values())
+        copies = max(1, min(64, -(-(256 << 20) // wbytes)))  # >= 256 MiB in rotation
+        mods = [lin] + [quant.QuantLinear.from_state(
+            {k: v.clone() for k, v in lin.stored_tensors().items()}) for _ in range(copies - 1)]
+        x = torch.randn(m, in_)
+        kernel = kernels.get() is not None
+        with torch.inference_mode():
+            for mod in mods:
+                mod(x)
+            probe1 = _probe_bandwidth(probe_bytes)
+            n = 0
+            t0 = time.perf_counter()
+            while True:
+                for mod in mods:
+                    mod(x)
+                n += len(mods)
+                dt = time.perf_counter() - t0
+                if dt >= min_time:
+                    break
+            probe2 = _probe_bandwidth(probe_bytes)
+        gbs = wbytes * n / dt / 1e9
+        probe = max(probe1, probe2)
+        return {
+            "out": out, "in": in_, "scheme": scheme, "threads": threads, "m": m, "kernel": kernel,
+            "weight_bytes": wbytes, "us_per_call": dt / n * 1e6, "gbps": gbs,
+            "probe_gbps": probe, "probe_before_gbps": probe1, "probe_after_gbps": probe2,
+            "pct_of_probe": 100.0 * gbs / probe,
+        }
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    out, in_ = int(sys.argv[1]), int(sys.argv[2])
+    scheme = sys.argv[3] if len(sys.argv) > 3 else "int8"
+    threads = int(sys.argv[4]) if len(sys.argv) > 4 else None
+    print(json.dumps(bench_matvec(out, in_, scheme, threads), indent=1))
