@@ -106,3 +106,65 @@ def test_stop_strings_on_default_model(smol_gguf):
         out = e.generate(torch.tensor([ids]), max_new_tokens=40, stop=["5"])
         text = e.tokenizer.decode(out[0, len(ids):])
         assert text.rstrip().endswith("5") and len(text) < len(full)
+
+
+# ---------------------------------------------------------------------- the one loop
+def _counting_forward(engine):
+    """Wrap the runner's forward; returns the list of (B, T) shapes it is called with."""
+    calls = []
+    real = engine.runner.forward
+
+    def forward(tokens, positions, rows):
+        calls.append(tuple(tokens.shape))
+        return real(tokens, positions, rows)
+
+    engine.runner.forward = forward
+    return calls, real
+
+
+def test_equal_length_prompts_prefill_in_one_forward(engine):
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, 120, (9,), generator=g).tolist() for _ in range(3)]
+    alone = [engine.generate(torch.tensor([p]), max_new_tokens=12, ignore_eos=True)[0, 9:].tolist() for p in prompts]
+    calls, real = _counting_forward(engine)
+    try:
+        together = engine.generate(torch.tensor(prompts), max_new_tokens=12, ignore_eos=True)
+    finally:
+        engine.runner.forward = real
+    assert [c for c in calls if c[1] > 1] == [(3, 9)]  # one prefill forward for the three prompts
+    assert [together[b, 9:].tolist() for b in range(3)] == alone
+
+
+def test_add_step_abort(engine):
+    params = engine.sampling_params(6, ignore_eos=True)
+    a = engine.add([5, 6, 7], params)
+    b = engine.add([8, 9], params)
+    made = engine.step()  # both prefilled (each its first token) and one decode step for both
+    assert [s for s, _ in made].count(a) == 2 and [s for s, _ in made].count(b) == 2
+    engine.abort(a)
+    assert a.finish_reason == "abort" and engine.scheduler.running == [b]
+    while engine.has_work():
+        engine.step()
+    assert b.finish_reason == "length" and len(b.generated) == 6 and len(a.generated) == 2
+    alone = engine.generate(torch.tensor([[8, 9]]), max_new_tokens=6, ignore_eos=True)[0, 2:].tolist()
+    assert b.generated == alone
+
+
+def test_max_batch_makes_sequences_wait_for_a_slot(tiny_dirs):
+    prompts = rows(3)
+    ids, mask = left_pad(prompts)
+    with tpllama.load(tiny_dirs["mqa5"]) as free:
+        want = free.generate(ids, attention_mask=mask, max_new_tokens=10, ignore_eos=True)
+    with tpllama.load(tiny_dirs["mqa5"], max_batch=1) as one:
+        seen = []
+        real = one.step
+
+        def step():
+            out = real()
+            seen.append(len(one.scheduler.running) + sum(1 for s, _ in out if s.done))
+            return out
+
+        one.step = step
+        got = one.generate(ids, attention_mask=mask, max_new_tokens=10, ignore_eos=True)
+        assert one.runner.model.cache.slots == 1 and max(seen) == 1
+    assert torch.equal(got, want)

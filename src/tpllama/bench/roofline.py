@@ -172,8 +172,8 @@ def check_fits(what: str, args: ModelArgs, shares: list[RankShare], dtype: torch
             f"{PROCESS_OVERHEAD_BYTES / GB:.1f} GB process overhead), {dtype_name}"
             f"{', ' + quant if quant else ''}: {ranks} GB = {sum(per_rank) / GB:.2f} GB",
         ]
-        n_params = n_params(args)
-        lines.append(f"  ({n_params / 1e9:.2f} B parameters; the weights alone are "
+        params = n_params(args)
+        lines.append(f"  ({params / 1e9:.2f} B parameters; the weights alone are "
                      f"{weight_bytes(args, dtype, quant, auto_bpw) / GB:.2f} GB in {dtype_name}{', ' + quant if quant else ''})")
         if probe_bytes:
             lines.append(f"  + bandwidth probe {probe_bytes / GB:.2f} GB")

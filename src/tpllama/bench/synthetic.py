@@ -19,7 +19,7 @@ from ..config import ModelArgs
 from ..env import cache_dir
 from ..parallel.plan import RankShare, feature_range, plan, split_rule
 from ..weights.checkpoint import EMBED, expected_shapes
-from ..weights.parts import FORMAT, SafetensorsStreamWriter, file_digests, is_cut_dir, write_manifest, write_part_files
+from ..weights.parts import PartsWriter, is_cut_dir
 from ..weights.staging import StagedWrite
 from ..weights.stored import is_linear
 
@@ -112,37 +112,26 @@ def write_synthetic(name: str, world_size: int, dtype: torch.dtype, quant: str |
     with StagedWrite(target, progress=progress) as staged:
         if is_cut_dir(target):  # made by another process while we waited
             return target
-        tmp = staged.temp_dir()
-        parts = [tmp / "part_model" / str(r) for r in range(world_size)]
-        writers = []
-        for p in parts:
-            p.mkdir(parents=True)
-            writers.append(SafetensorsStreamWriter(p / "model.safetensors"))
+        writer = PartsWriter(staged.temp_dir(), args, shares)
         bar = tqdm(total=len(shapes) + 1, desc=f"synthetic {name} x{world_size}", unit="tensor", disable=not progress,
                    leave=False, file=sys.stderr)
         for tname, shape in shapes.items():
             if split_rule(tname) is None or world_size == 1:  # replicated: one tensor, the same on every rank
                 w = _random(shape, tname, None)
                 pairs = _stored(tname, w, dtype, quant) if tname != EMBED else [(tname, w.to(dtype))]
-                for wr in writers:
+                for share in shares:
                     for n, t in pairs:
-                        wr.write(n, t)
+                        writer.write(share.rank, n, t)
             else:
-                for share, wr in zip(shares, writers):
+                for share in shares:
                     w = _random(share_shape(tname, shape, share, args), tname, share.rank)
                     for n, t in _stored(tname, w, dtype, quant):
-                        wr.write(n, t)
+                        writer.write(share.rank, n, t)
                     del w
             bar.update(1)
         bar.update(1)
         bar.close()
-        meta = {"format": FORMAT, "world_size": str(world_size)}
-        ranks = []
-        for share, wr, p in zip(shares, writers, parts):
-            wr.close(dict(meta, rank=str(share.rank)))
-            write_part_files(p, args, share, None)
-            ranks.append({"share": share.to_json(), "files": file_digests(p)})
         source = {"path": f"synthetic:{name}", "kind": "synthetic", "init": f"normal(0, {INIT_STD}), norms 1"}
-        write_manifest(tmp, world_size, dtype, quant, source, args, ranks)
-        staged.publish(tmp)
+        writer.finish(dtype, quant, source, None)
+        staged.publish(writer.directory)
     return target

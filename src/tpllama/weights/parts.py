@@ -104,34 +104,50 @@ def cut(
     with StagedWrite(output, progress=progress) as staged:
         if reuse and is_cut_dir(output):
             return output
-        tmp = staged.temp_dir()
-        parts = [tmp / "part_model" / str(r) for r in range(world_size)]
-        writers = []
-        for p in parts:
-            p.mkdir(parents=True)
-            writers.append(SafetensorsStreamWriter(p / "model.safetensors"))
+        writer = PartsWriter(staged.temp_dir(), args, shares)
         tensors = stored_tensors(ckpt, dtype, quant)
         bar = _progress(len(expected_shapes(args)), f"cutting into {world_size}", progress)
         last_module = None
         for name, t, in_features in tensors:
-            for share, w in zip(shares, writers):
-                w.write(name, slice_for_rank(name, t, share, args, in_features))
+            for share in shares:
+                writer.write(share.rank, name, slice_for_rank(name, t, share, args, in_features))
             module = name.rsplit(".", 1)[0]
             if module != last_module:
                 bar.update(1)
                 last_module = module
             del t
         bar.close()
-        tok_src = _tokenizer_source(ckpt)
+        writer.finish(dtype, quant, {"path": str(ckpt.path), "kind": ckpt.kind}, _tokenizer_source(ckpt))
+        staged.publish(writer.directory)
+    return output
+
+
+class PartsWriter:
+    """Writes a cut directory (see the module docstring) into ``directory``: each rank's tensors
+    appended to its own safetensors stream as they come, then each part's files and the manifest.
+    ``cut`` and the synthetic models both write through it."""
+
+    def __init__(self, directory: Path, args: ModelArgs, shares: list[RankShare]):
+        self.directory = directory
+        self.args = args
+        self.shares = shares
+        self.parts = [directory / "part_model" / str(s.rank) for s in shares]
+        for p in self.parts:
+            p.mkdir(parents=True)
+        self.writers = [SafetensorsStreamWriter(p / "model.safetensors") for p in self.parts]
+
+    def write(self, rank: int, name: str, tensor: torch.Tensor) -> None:
+        self.writers[rank].write(name, tensor)
+
+    def finish(self, dtype: torch.dtype, quant: str | None, source: dict, tokenizer_source: Path | None) -> None:
+        world_size = len(self.shares)
         meta = {"format": FORMAT, "world_size": str(world_size)}
         ranks = []
-        for share, w, p in zip(shares, writers, parts):
+        for share, w, p in zip(self.shares, self.writers, self.parts):
             w.close(dict(meta, rank=str(share.rank)))
-            write_part_files(p, args, share, tok_src)
+            write_part_files(p, self.args, share, tokenizer_source)
             ranks.append({"share": share.to_json(), "files": file_digests(p)})
-        write_manifest(tmp, world_size, dtype, quant, {"path": str(ckpt.path), "kind": ckpt.kind}, args, ranks)
-        staged.publish(tmp)
-    return output
+        write_manifest(self.directory, world_size, dtype, quant, source, self.args, ranks)
 
 
 def write_part_files(part: Path, args: ModelArgs, share: RankShare, tokenizer_source: Path | None) -> None:
