@@ -21,6 +21,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 QUANT_SCHEMES = ("int8", "int4")  # stored forms of quantized linear layers (GGUF Q8_0 / Q4_1 layouts)
 AUTO = "auto"  # quantization: keep a GGUF file's own Q8_0/Q4_0/Q4_1 blocks as they are; everything else float
 KV_CACHE_CHOICES = ("auto", "float32", "float16")
+COLLECTIVES = ("auto", "gloo")
 DEFAULT_TIMEOUT_S = 60.0
 
 LLAMA_ARCHITECTURES = ("LlamaForCausalLM", "LLaMAForCausalLM")  # the second: LLaMA-1 conversions (decapoda)
@@ -235,7 +236,10 @@ class EngineConfig:
     max_batch: KV-cache slots, i.e. sequences decoded together (more wait for a slot); None: as
         many as are queued when the engine is idle.
     max_seq_len: tokens per sequence the KV cache holds (None: as needed, up to the model's context).
-    shared_memory: shared-memory collectives between the ranks of one host (else gloo).
+    collectives: "auto" (shared memory among the ranks of a host, TCP between hosts, both in C++)
+        or "gloo" (torch.distributed's own, for comparison).
+    iface: the network interface of this host's ranks (None: the one that routes to MASTER_ADDR;
+        GLOO_SOCKET_IFNAME, when set, wins).
     """
 
     model: str | None = None
@@ -248,7 +252,8 @@ class EngineConfig:
     timeout_s: float = DEFAULT_TIMEOUT_S
     max_batch: int | None = None
     max_seq_len: int | None = None
-    shared_memory: bool = True
+    collectives: str = "auto"
+    iface: str | None = None
     progress: bool = False
     parts: str | None = None
 
@@ -271,6 +276,8 @@ class EngineConfig:
         if self.max_seq_len is not None and (isinstance(self.max_seq_len, bool) or not isinstance(self.max_seq_len, int)
                                              or self.max_seq_len < 2):
             raise ValueError(f"max_seq_len must be an integer >= 2, got {self.max_seq_len!r}")
+        if self.collectives not in COLLECTIVES:
+            raise ValueError(f"collectives {self.collectives!r} is not supported; allowed: {', '.join(COLLECTIVES)}")
         t = self.timeout_s
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
             raise ValueError(f"timeout_s must be a positive number of seconds, got {t!r}")

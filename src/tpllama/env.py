@@ -45,6 +45,8 @@ class TorchrunEnv:
     local_world_size: int
     master_addr: str
     master_port: int
+    host: int = 0  # torchrun's GROUP_RANK: which host (node) this is
+    agent_store: bool = False  # the store is torchrun's agent's; else rank 0 hosts it
 
 
 def torchrun_env() -> TorchrunEnv | None:
@@ -53,9 +55,16 @@ def torchrun_env() -> TorchrunEnv | None:
     if not ("TORCHELASTIC_RUN_ID" in e or ("RANK" in e and "WORLD_SIZE" in e and "MASTER_ADDR" in e)):
         return None
     world = int(e["WORLD_SIZE"])
-    return TorchrunEnv(rank=int(e.get("RANK", 0)), world_size=world, local_rank=int(e.get("LOCAL_RANK", e.get("RANK", 0))),
-                       local_world_size=int(e.get("LOCAL_WORLD_SIZE", world)), master_addr=e.get("MASTER_ADDR", "127.0.0.1"),
-                       master_port=int(e.get("MASTER_PORT", 29500)))
+    rank, local_world = int(e.get("RANK", 0)), int(e.get("LOCAL_WORLD_SIZE", world))
+    return TorchrunEnv(rank=rank, world_size=world, local_rank=int(e.get("LOCAL_RANK", rank)),
+                       local_world_size=local_world, master_addr=e.get("MASTER_ADDR", "127.0.0.1"),
+                       master_port=int(e.get("MASTER_PORT", 29500)), host=int(e.get("GROUP_RANK", rank // local_world)),
+                       agent_store=e.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
+
+
+def gloo_interface() -> str | None:
+    """``GLOO_SOCKET_IFNAME`` when the user set it: the interface the ranks' sockets use."""
+    return os.environ.get("GLOO_SOCKET_IFNAME") or None
 
 
 def is_rank0() -> bool:

@@ -23,6 +23,11 @@ def add_model_args(p: argparse.ArgumentParser, default_world_size: int = 1) -> N
     g.add_argument("--threads", type=int, default=None, help="threads per rank (default: cores / ranks)")
     g.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
                    help=f"seconds before a stuck rank is declared dead (default {DEFAULT_TIMEOUT_S:g})")
+    g.add_argument("--iface", default=None,
+                   help="network interface of this host's ranks (default: the one that routes to MASTER_ADDR; "
+                        "GLOO_SOCKET_IFNAME wins when set)")
+    g.add_argument("--collectives", default="auto",
+                   help="auto (shared memory inside a host, TCP between hosts; the default) | gloo")
     p.set_defaults(default_world_size=default_world_size)
 
 
@@ -55,4 +60,5 @@ def world_size_of(a: argparse.Namespace) -> int:
 def engine_config(a: argparse.Namespace, progress: bool = True, **extra) -> EngineConfig:
     """The validated engine settings of a command's flags (``extra``: fields the command sets)."""
     return EngineConfig(model=a.model, world_size=world_size_of(a), dtype=a.dtype, quant=a.quant, kv_cache=a.kv_cache,
-                        device=a.device, threads=a.threads, timeout_s=a.timeout, progress=progress, **extra).validate()
+                        device=a.device, threads=a.threads, timeout_s=a.timeout, iface=a.iface,
+                        collectives=a.collectives, progress=progress, **extra).validate()

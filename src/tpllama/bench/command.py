@@ -96,6 +96,30 @@ def _ms(s) -> str:
     return f"{s * 1000:.0f} ms" if s >= 1 else f"{s * 1000:.1f} ms"
 
 
+def per_rank_steps(times: list[dict]) -> list[dict]:
+    """Per rank, per decode step: compute and communication time (waiting included), payload
+    bytes of the collectives, and communication's share of the step."""
+    out = []
+    for rank, t in enumerate(times):
+        d = t["decode"]
+        n = max(1, d["steps"])
+        out.append({"rank": rank, "decode_steps": d["steps"], "step_ms": 1e3 * d["seconds"] / n,
+                    "compute_ms": 1e3 * (d["seconds"] - d["comm_seconds"]) / n, "comm_ms": 1e3 * d["comm_seconds"] / n,
+                    "collectives_per_step": d["comm_calls"] / n, "bytes_per_step": d["comm_bytes"] / n,
+                    "comm_share": d["comm_seconds"] / d["seconds"] if d["seconds"] else 0.0, "prefill": t["prefill"]})
+    return out
+
+
+def rank_table(steps: list[dict]) -> str:
+    """Where each rank's decode step goes (the communication includes waiting for the slowest rank)."""
+    out = ["| rank | decode step | compute | communication (waiting included) | collectives | payload per step | "
+           "communication share |", "|--:|--:|--:|--:|--:|--:|--:|"]
+    for r in steps:
+        out.append(f"| {r['rank']} | {r['step_ms']:.2f} ms | {r['compute_ms']:.2f} ms | {r['comm_ms']:.2f} ms | "
+                   f"{r['collectives_per_step']:.0f} | {_mb(r['bytes_per_step'])} | {100 * r['comm_share']:.1f} % |")
+    return "\n".join(out)
+
+
 def bench_tables(rows: list[dict], ratio: dict | None) -> str:
     """The seed's table (one row per engine) and a second table with the other figures."""
     out = ["| hardware | input length | output length | decode speed |", "|:--|:--:|:--:|:--:|"]
@@ -140,7 +164,7 @@ def add_arguments(p) -> None:
     g.add_argument("--warmup", type=int, default=1, help="warm-up runs before them, not counted (default 1)")
     g.add_argument("--compare", default=None, help="also measure another engine on the same weights: hf (transformers)")
     g.add_argument("--synthetic", default=None,
-                   help="a published config with random weights instead of --model: llama-7b | llama-13b | smollm2-135m")
+                   help="a published config with random weights instead of --model: llama-7b | llama-13b | tinyllama-1.1b | smollm2-135m")
     g.add_argument("--json", default=None, help="write every figure to this JSON file")
     g.add_argument("--probe-mib", type=int, default=1024,
                    help="size of the memory-bandwidth probe in MiB (default 1024; 0 = no probe, no %% of roofline)")
@@ -177,7 +201,7 @@ def _model_args(path: Path):
     from ..weights.parts import is_cut_dir, read_manifest
 
     if is_cut_dir(path):
-        return ModelArgs.from_hf_config(read_manifest(path)["config"])
+        return ModelArgs.from_hf_config(read_manifest(path, needed=[])["config"])
     ckpt = open_checkpoint(path)
     args = ckpt.args
     ckpt.close()
@@ -284,9 +308,12 @@ def main(a) -> int:
         with RssSampler(pids) as sampler:
             for i in range(a.warmup + a.repeat):
                 bar.set_description(f"tpllama {'warm-up' if i < a.warmup else f'{i - a.warmup + 1}/{a.repeat}'}")
+                if i == a.warmup:
+                    engine.runner.rank_times(reset=True)  # count the measured runs only
                 m = measure(engine, a.input_len, a.output_len, a.batch, on_token=lambda: bar.update(1))
                 if i >= a.warmup:
                     ms.append(m)
+        steps_by_rank = per_rank_steps(engine.runner.rank_times())
         memory = sampler.report()  # before the probe allocates its buffer
         bar.close()
         probe = stream_probe(total_threads, probe_bytes, device=dev) if probe_bytes else None
@@ -300,6 +327,7 @@ def main(a) -> int:
         kv_dtype = torch_dtype(engine.info["kv_cache"])
         tp["kv_cache"] = engine.info["kv_cache"]
         rows.append(add_roofline(tp, step_bytes(args, engine.shares, dtype, bpw, a.batch, ctx, kv_dtype), probe))
+        tp["per_rank_steps"] = steps_by_rank
         layout = {"world_size": engine.world_size, "threads_per_rank": tpr, "threads_total": total_threads,
                   "device": str(dev), "backend": engine.info.get("backend"), "launcher": engine.info.get("launcher"),
                   "parts": engine.info.get("parts"), "shares": [s.to_json() for s in engine.shares]}
@@ -338,6 +366,9 @@ def main(a) -> int:
     table = bench_tables(rows, ratio)
     print()
     print(table)
+    if len(steps_by_rank) > 1:
+        print()
+        print(rank_table(steps_by_rank))
     print(f"\nthreads: tpllama {layout['world_size']} rank(s) x {layout['threads_per_rank']} thread(s) = "
           f"{layout['threads_total']}" + (f", transformers {rows[1]['threads_total']}" if ratio else "")
           + f"; {layout['device']}, backend {layout['backend']}, launcher {layout['launcher']}")

@@ -31,6 +31,11 @@ SYNTHETIC: dict[str, dict] = {
                      intermediate_size=11008, vocab_size=32000),
     "llama-13b": dict(_LLAMA1, hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
                       intermediate_size=13824, vocab_size=32000),
+    # TinyLlama-1.1B (the shape distributed-llama is measured on across hosts)
+    "tinyllama-1.1b": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                           intermediate_size=5632, vocab_size=32000, tie_word_embeddings=False,
+                           max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
+                           bos_token_id=1, eos_token_id=2),
     "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                          intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True,
                          max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,

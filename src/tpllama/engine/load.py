@@ -20,6 +20,7 @@ from ..env import torchrun_env
 from ..parallel.comm import Communicator, RankFailure
 from ..parallel.launch import check_device, launch, threads_per_rank
 from ..weights.checkpoint import CheckpointError
+from ..weights.ship import ship_parts
 from ..weights.source import rank_weights, tokenizer_for, with_parts
 from ..weights.stored import assemble, blocks_quantized
 from .engine import Engine
@@ -67,8 +68,9 @@ def start(cfg: EngineConfig) -> Engine:
     if not torchrun:  # before any rank starts: bad input is reported here, not as a rank failure
         cfg = with_parts(cfg)
     comm, workers = launch(cfg)
-    if torchrun:  # rank 0 cuts (once, into the cache); the others wait for it on the control group
+    if torchrun:  # rank 0 cuts (once, into the cache); the others wait for it, then get their parts
         cfg = comm.broadcast_object(with_parts(cfg) if comm.rank == 0 else None)
+        cfg = ship_parts(cfg, comm, cfg.progress)
     return run_rank(cfg, comm, workers)
 
 

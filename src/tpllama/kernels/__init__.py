@@ -7,7 +7,9 @@ Two extensions are built from the sources next to this file, on first use, with
   AVX2/FMA/F16C matrix-vector products on the quantized layouts of ``tpllama.model.quant``,
   one-query attention and the fused decode blocks (``get()``);
 - the shared-memory collectives of the ranks of one host (``shm_collectives.cpp``, used by
-  ``tpllama.parallel.shm``; ``collectives()``).
+  ``tpllama.parallel.shm``; ``collectives()``);
+- the TCP collectives of ranks on different hosts (``tcp_collectives.cpp``, used by
+  ``tpllama.parallel.tcp``; ``tcp_collectives()``).
 
 Each goes to ``$TPLLAMA_CACHE/ext/<name>-<hash of sources, flags, torch and Python version>``, so
 it is rebuilt only when one of those changes; concurrent builds from several processes are
@@ -37,7 +39,7 @@ import torch
 
 from .. import env
 
-__all__ = ["available", "get", "collectives", "build", "cpu_supported"]
+__all__ = ["available", "get", "collectives", "tcp_collectives", "build", "cpu_supported"]
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +161,14 @@ _COLLECTIVES = Extension(
     env.shared_memory_disabled)
 
 
+_TCP = Extension(
+    "TCP collectives", "gloo",
+    lambda: build("tpllama_tcp", ["tcp_collectives.cpp"], [], ["-O3", "-DNDEBUG", "-ffp-contract=off"], [],
+                  "building tpllama TCP collectives (first use, ~1 min)"),
+    lambda: (True, "") if sys.platform.startswith("linux") else (False, "they need Linux"),
+    lambda: False)
+
+
 def get():
     """The compute kernels' module, or None (use the PyTorch fallback)."""
     return _COMPUTE.get()
@@ -171,3 +181,8 @@ def available() -> bool:
 def collectives():
     """The shared-memory collectives' module, or None (use gloo)."""
     return _COLLECTIVES.get()
+
+
+def tcp_collectives():
+    """The TCP collectives' module, or None (use gloo)."""
+    return _TCP.get()

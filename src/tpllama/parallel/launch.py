@@ -78,10 +78,13 @@ def pick_device(device: str | None, local_rank: int) -> torch.device:
 
 
 def threads_per_rank(cfg: EngineConfig) -> int:
-    """``cfg.threads``, else this host's cores shared among its ranks."""
+    """``cfg.threads``, else the cores this process may run on shared among this host's ranks
+    (the affinity mask, not the machine's core count: a process pinned to one core must not
+    start two threads that spin against each other)."""
     import os
 
-    return cfg.threads or max(1, (os.cpu_count() or 1) // ranks_on_this_host(cfg.world_size))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cfg.threads or max(1, cores // ranks_on_this_host(cfg.world_size))
 
 
 # ---------------------------------------------------------------------- the one launch path
@@ -93,12 +96,12 @@ def launch(cfg: EngineConfig) -> tuple[Communicator, "Workers | None"]:
     if tr is not None:
         if tr.world_size != cfg.world_size:
             raise ValueError(f"torchrun started {tr.world_size} processes but world_size={cfg.world_size} was asked for")
-        return join(tr.rank, cfg, tr.local_rank, one_host=tr.local_world_size == tr.world_size), None
+        return join(tr.rank, cfg, tr.local_rank), None
     if cfg.world_size == 1:
         return Communicator.single(pick_device(cfg.device, 0), cfg.timeout_s), None
     workers = Workers(cfg)
     try:
-        comm = join(0, cfg, 0, one_host=True, store=workers.store, loopback_only=True)
+        comm = join(0, cfg, 0, store=workers.store)
     except Exception as err:
         workers.kill()
         raise RankFailure(f"could not start {cfg.world_size} ranks: {err}") from err
@@ -148,11 +151,73 @@ def _gloo_interface(name: str | None):
             os.environ["GLOO_SOCKET_IFNAME"] = old
 
 
-def join(rank: int, cfg: EngineConfig, local_rank: int, one_host: bool, store: LocalStore | None = None,
-         loopback_only: bool = False) -> Communicator:
-    """Join the ranks' process groups: through ``store`` (ranks tpllama launched itself), else
-    through MASTER_ADDR/MASTER_PORT (set by torchrun). ``loopback_only``: every rank runs on this
-    host, so gloo listens on the loopback only."""
+def route_to(address: str) -> tuple[str, str]:
+    """(interface name, our address on it) of the interface through which this host reaches
+    ``address``: the kernel's routing table answers (a UDP socket "connected" to it sends
+    nothing); the loopback for an address of this host."""
+    import psutil
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((socket.gethostbyname(address), 9))
+        except OSError as err:
+            raise RankFailure(f"no route from this host to MASTER_ADDR {address} ({err}); check MASTER_ADDR and the "
+                              f"network, or name the interface with --iface") from None
+        ip = s.getsockname()[0]
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == ip for a in addrs):
+            return name, ip
+    return LOOPBACK_INTERFACE, ip
+
+
+def interface_address(name: str) -> str:
+    """The IPv4 address of interface ``name`` (ValueError naming the interfaces there are)."""
+    import psutil
+
+    addrs = psutil.net_if_addrs()
+    for a in addrs.get(name, []):
+        if a.family == socket.AF_INET:
+            return a.address
+    raise ValueError(f"network interface {name!r} has no IPv4 address on this host; interfaces here: "
+                     f"{', '.join(sorted(addrs))}")
+
+
+def cluster_interface(cfg: EngineConfig, master_addr: str) -> tuple[str, str]:
+    """(interface, address) this host's ranks use: GLOO_SOCKET_IFNAME, else ``--iface``, else the
+    one that routes to MASTER_ADDR."""
+    name = env.gloo_interface() or cfg.iface
+    if name is not None:
+        return name, interface_address(name)
+    return route_to(master_addr)
+
+
+def torchrun_store(tr: env.TorchrunEnv, ip: str, timeout_s: float):
+    """The rendezvous store torchrun's ranks meet at: torchrun's agent's (every rank a client),
+    or, without an agent store, one that rank 0 hosts on this host's cluster address only."""
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    try:
+        if tr.agent_store or tr.rank != 0:
+            return dist.TCPStore(tr.master_addr, tr.master_port, tr.world_size, False, timeout)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((ip, tr.master_port))
+        sock.listen(max(128, tr.world_size))
+        return dist.TCPStore(ip, tr.master_port, tr.world_size, True, timeout, wait_for_workers=False,
+                             master_listen_fd=sock.detach())
+    except (RuntimeError, OSError) as err:
+        raise RankFailure(f"rank {tr.rank} (host {socket.gethostname()}, {ip}) cannot reach the rendezvous store at "
+                          f"MASTER_ADDR {tr.master_addr}:{tr.master_port} within {timeout_s:g} s ({err}); check "
+                          f"MASTER_ADDR and MASTER_PORT, the firewall, and that host 0 is running") from None
+
+
+def join(rank: int, cfg: EngineConfig, local_rank: int, store: LocalStore | None = None) -> Communicator:
+    """Join the ranks' process groups and set up the fast collectives: through ``store`` (ranks
+    tpllama launched itself, all on this host: every socket on the loopback), else through
+    torchrun's MASTER_ADDR/MASTER_PORT, every socket on the interface that routes there. The fast
+    collectives are connected first: that is the check that every rank reaches every other,
+    failing within the timeout with the rank, address and port that could not be reached."""
     import torch.distributed as dist
 
     dev = pick_device(cfg.device, local_rank)
@@ -161,46 +226,77 @@ def join(rank: int, cfg: EngineConfig, local_rank: int, one_host: bool, store: L
         torch.cuda.set_device(dev)
     backend = "nccl" if dev.type == "cuda" else "gloo"
     init_kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+    if dev.type == "cpu" and cfg.collectives == "auto":  # build them (first use) before any rank waits for another
+        from .. import kernels
+
+        kernels.collectives(), kernels.tcp_collectives()
     if store is not None:
-        init_kwargs["store"] = store.store
-    with _gloo_interface(LOOPBACK_INTERFACE if loopback_only and sys.platform.startswith("linux") else None):
-        dist.init_process_group(backend=backend, rank=rank, world_size=cfg.world_size, timeout=timeout, **init_kwargs)
+        iface = LOOPBACK_INTERFACE if sys.platform.startswith("linux") else None
+        ip, base, local_world = LOOPBACK, store.store, cfg.world_size
+    else:
+        tr = env.torchrun_env()
+        iface, ip = cluster_interface(cfg, tr.master_addr)
+        base, local_world = torchrun_store(tr, ip, cfg.timeout_s), tr.local_world_size
+    fast = None
+    if dev.type == "cpu" and cfg.collectives == "auto":
+        fast = fast_collectives(dist.PrefixStore("tpllama/fast", base), rank, cfg.world_size, local_rank, local_world,
+                                ip, cfg.timeout_s)
+    with _gloo_interface(iface):
+        dist.init_process_group(backend=backend, rank=rank, world_size=cfg.world_size, timeout=timeout,
+                                store=dist.PrefixStore("tpllama/pg", base), **init_kwargs)
         compute = dist.group.WORLD
         control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
-    comm = Communicator(rank, cfg.world_size, local_rank, dev, cfg.timeout_s, control, compute)
-    comm.shm = _shared_memory(comm, one_host and cfg.shared_memory)
-    return comm
+    return Communicator(rank, cfg.world_size, local_rank, dev, cfg.timeout_s, control, compute, fast)
 
 
-def _shared_memory(comm: Communicator, wanted: bool):
-    """Shared-memory collectives when every rank is a CPU process of this host and the
-    extension builds (every rank must agree, so rank 0 decides and tells the others)."""
-    import torch.distributed as dist
+def fast_collectives(store, rank: int, world: int, local_rank: int, local_world: int, ip: str, timeout_s: float):
+    """Our own collectives for CPU ranks (None where they cannot be built: every rank agrees):
+    shared memory when every rank is on this host; a TCP mesh when every host runs one rank;
+    shared memory inside each host and TCP between the hosts' first ranks otherwise."""
+    from . import shm, tcp
 
-    from . import shm
-
-    name = None
-    if comm.rank == 0 and wanted and comm.device.type == "cpu" and shm.available():
-        name = shm.ShmCollectives.make_name()
-    name = comm.broadcast_object(name)
-    if name is None:
-        return None
-    seg = None
+    hosts = world // local_world
+    host = rank // local_world
+    built = None
     try:
-        if comm.rank != 0 and not shm.available():
-            raise RuntimeError("shared-memory collectives unavailable on this rank")
-        seg = shm.ShmCollectives(name, comm.rank, comm.world_size, timeout_s=comm.timeout_s)
-        ok = torch.ones(1)
-    except Exception:
-        ok = torch.zeros(1)
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=comm.control)  # also: everybody has it mapped
-    if comm.rank == 0 and seg is not None:
-        seg.unlink()  # nothing left in /dev/shm, whatever happens later
-    if ok.item() < 1:
-        if seg is not None:
-            seg.close()
-        return None
-    return seg
+        local = None
+        if local_world > 1 and shm.available():
+            key = f"shm/{host}"
+            if local_rank == 0:
+                store.set(key, shm.ShmCollectives.make_name())
+            store.wait([key], datetime.timedelta(seconds=timeout_s))
+            local = shm.ShmCollectives(store.get(key).decode(), local_rank, local_world, timeout_s=timeout_s)
+        if hosts == 1:
+            built = local
+        elif tcp.available() and (local_world == 1 or local is not None):
+            describe = lambda r: f"rank {r} (host {r // local_world})"  # noqa: E731
+            if local_world == 1:
+                fds = tcp.connect_mesh(store, "mesh", rank, list(range(world)), ip, timeout_s, describe)
+                built = tcp.TcpCollectives(rank, fds, timeout_s)
+            else:
+                leaders = None
+                if local_rank == 0:
+                    members = [h * local_world for h in range(hosts)]
+                    fds = tcp.connect_mesh(store, "leaders", rank, members, ip, timeout_s, describe)
+                    leaders = tcp.TcpCollectives(host, fds, timeout_s)
+                built = tcp.HostCollectives(local, leaders, local_rank, local_world, hosts)
+    except tcp.MeshError as err:
+        raise RankFailure(str(err)) from None
+    except Exception as err:  # a rank that cannot build them: everybody falls back to gloo
+        import logging
+
+        logging.getLogger("tpllama").warning("fast collectives unavailable on rank %d (%s); using gloo", rank, err)
+        built = None
+    store.set(f"ok/{rank}", "1" if built is not None else "0")
+    store.wait([f"ok/{r}" for r in range(world)], datetime.timedelta(seconds=timeout_s))  # also: all mapped
+    if all(store.get(f"ok/{r}") == b"1" for r in range(world)):
+        segment = built if isinstance(built, shm.ShmCollectives) else getattr(built, "local", None)
+        if segment is not None and local_rank == 0:
+            segment.unlink()  # nothing left in /dev/shm, whatever happens later
+        return built
+    if built is not None:
+        built.close()
+    return None
 
 
 # ---------------------------------------------------------------------- ranks we start ourselves

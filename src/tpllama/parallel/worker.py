@@ -20,7 +20,7 @@ def main() -> int:
 
     torch.set_num_threads(threads_per_rank(cfg))
     torch.manual_seed(0)  # the same seed in every process
-    comm = join(me.rank, cfg, me.local_rank, one_host=True, store=store, loopback_only=True)
+    comm = join(me.rank, cfg, me.local_rank, store=store)
     from ..engine.load import run_rank
 
     try:

@@ -204,18 +204,20 @@ def is_cut_dir(path: Path) -> bool:
     return path.is_dir() and (path / MANIFEST).is_file()
 
 
-def read_manifest(directory: Path) -> dict:
+def read_manifest(directory: Path, needed: list[int] | None = None) -> dict:
+    """The cut's manifest, checked (``check_manifest``); ``needed``: the ranks whose parts must be
+    on disk here (None: every rank's; a host that was shipped its own part holds only that)."""
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{directory / MANIFEST} cannot be read: {err}") from None
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{directory} was not written by this tpllama (format {manifest.get('format')!r}, expected {FORMAT!r})")
-    check_manifest(directory, manifest)
+    check_manifest(directory, manifest, needed)
     return manifest
 
 
-def check_manifest(directory: Path, manifest: dict) -> None:
+def check_manifest(directory: Path, manifest: dict, needed: list[int] | None = None) -> None:
     """The manifest agrees with itself and with the part directories on disk (cheap: no hashing).
     Run before any rank starts, so an edited or damaged cut is bad input, not a rank failure."""
     where = directory / MANIFEST
@@ -245,7 +247,8 @@ def check_manifest(directory: Path, manifest: dict) -> None:
         if ranges[0][0] != 0 or ranges[-1][1] != total or any(a[1] != b[0] for a, b in zip(ranges, ranges[1:])):
             raise CheckpointError(f"{where}: the ranks' {what} ranges {ranges} do not cover 0..{total} of the model; "
                                   f"cut the checkpoint again")
-    if on_disk != list(range(n)):
+    missing = [r for r in (range(n) if needed is None else needed) if r not in on_disk]
+    if missing or any(r >= n for r in on_disk):
         raise CheckpointError(f"{where} says world size {n} (parts 0..{n - 1}) but {holds}; cut the checkpoint again")
 
 
@@ -259,7 +262,7 @@ def check_world_size(directory: Path, manifest: dict, world_size: int) -> None:
 
 def manifest_shares(directory: Path) -> list[RankShare]:
     """What every rank of a cut holds, as recorded when it was cut."""
-    return [_share(entry) for entry in read_manifest(directory)["ranks"]]
+    return [_share(entry) for entry in read_manifest(directory, needed=[])["ranks"]]
 
 
 def _share(entry: dict) -> RankShare:
@@ -270,7 +273,7 @@ def load_part(directory: Path, rank: int, world_size: int, verify: bool = True):
     """(ModelArgs, RankShare, stored tensors, quant) of one rank, checked against the manifest."""
     from safetensors import safe_open
 
-    manifest = read_manifest(directory)
+    manifest = read_manifest(directory, needed=[rank])
     check_world_size(directory, manifest, world_size)
     entry = manifest["ranks"][rank]
     part = directory / "part_model" / str(rank)
