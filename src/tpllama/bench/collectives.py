@@ -1,6 +1,14 @@
-"""Micro-benchmark of the collectives between the ranks of one host: shared memory against gloo,
-per operation, in spawned processes of one thread each (``python -m tpllama.bench.collectives
-[world_size] [iters]``)."""
+"""Micro-benchmarks of the collectives.
+
+``python -m tpllama.bench.collectives [world_size] [iters]``: the ranks of one host, shared memory
+against gloo, per operation, in spawned processes of one thread each.
+
+Under torchrun (``python -m tpllama.bench.collectives --ranks [auto|gloo]``, e.g. on namespaced
+hosts with ``python -m tpllama.bench.hosts --hosts 2 --module tpllama.bench.collectives -- --ranks
+auto``): the ranks join exactly as the engine's do (``parallel.launch.join``: TCP between hosts,
+shared memory + TCP when hosts run several ranks; ``gloo``: torch.distributed's own) and time one
+all-reduce of 2-64 KB and the step broadcast; rank 0 prints the table.
+"""
 
 from __future__ import annotations
 
@@ -81,8 +89,53 @@ def bench(world_size: int = 2, iters: int = 10000, big_numel: int = 600_000) -> 
     return out
 
 
-if __name__ == "__main__":  # python -m tpllama.bench.collectives [world_size] [iters]
+SIZES_KB = (2, 8, 16, 64)
+
+
+def ranks_main(kind: str = "auto", iters: int = 2000) -> int:
+    """Every rank under torchrun: the collectives of ``kind`` ("auto" or "gloo"), joined as the engine joins."""
+    import statistics
+
+    from ..config import EngineConfig
+    from ..env import torchrun_env
+    from ..parallel.launch import join
+
+    torch.set_num_threads(1)
+    me = torchrun_env()
+    comm = join(me.rank, EngineConfig(world_size=me.world_size, collectives=kind).validate(), me.local_rank)
+
+    def timed(fn):
+        for _ in range(min(200, iters)):
+            fn()
+        ts = []
+        for _ in range(iters):
+            t0 = time.perf_counter_ns()
+            fn()
+            ts.append(time.perf_counter_ns() - t0)
+        ts.sort()
+        return statistics.median(ts) / 1e3, ts[int(0.9 * len(ts))] / 1e3
+
+    rows = {}
+    for kb in SIZES_KB:
+        x = torch.randn(kb * 256)
+        rows[f"all_reduce {kb} KB"] = timed(lambda: comm.all_reduce(x))
+    message = torch.zeros(64, dtype=torch.int64)
+    rows["broadcast 512 B (a decode step's command)"] = timed(lambda: comm.broadcast(message))
+    if me.rank == 0:
+        print(f"{me.world_size} ranks, {me.local_world_size} per host, one thread each, through {comm.backend}; "
+              f"median / p90 per operation over {iters}")
+        print("| path | operation | median | p90 |")
+        print("|:--|:--|--:|--:|")
+        for op, (med, p90) in rows.items():
+            print(f"| {comm.backend} | {op} | {med:.0f} us | {p90:.0f} us |")
+    comm.close()
+    return 0
+
+
+if __name__ == "__main__":
     import json
 
+    if sys.argv[1:2] == ["--ranks"]:
+        sys.exit(ranks_main(sys.argv[2] if len(sys.argv) > 2 else "auto", *[int(a) for a in sys.argv[3:]]))
     args = [int(a) for a in sys.argv[1:]]
     print(json.dumps(bench(*args), indent=1))

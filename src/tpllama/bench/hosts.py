@@ -156,3 +156,53 @@ class Hosts:
     @staticmethod
     def _exists(name: str) -> bool:
         return Path("/var/run/netns", name).exists() or Path("/run/netns", name).exists()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tpllama.bench.hosts --hosts 2 [--nproc 1] [--cores 0 1] -- TPLLAMA ARGS...``:
+    run ``torchrun ... -m tpllama TPLLAMA ARGS`` on every emulated host (as the README's
+    "Across hosts" does on real ones) and print host 0's output."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m tpllama.bench.hosts", description=main.__doc__.splitlines()[0])
+    p.add_argument("--hosts", type=int, default=2)
+    p.add_argument("--nproc", type=int, default=1, help="ranks per host (default 1)")
+    p.add_argument("--cores", nargs="+", default=None, help="taskset core list per host (default: host i on core i)")
+    p.add_argument("--port", type=int, default=29600)
+    p.add_argument("--timeout", type=int, default=600, help="seconds to wait for the hosts (default 600)")
+    p.add_argument("--module", default="tpllama", help="the module torchrun runs (default tpllama: its commands)")
+    p.add_argument("tpllama", nargs=argparse.REMAINDER, help="-- then the tpllama command and its flags")
+    a = p.parse_args(argv)
+    args = a.tpllama[1:] if a.tpllama[:1] == ["--"] else a.tpllama
+    ok, why = available()
+    if not ok:
+        print(f"cannot emulate hosts here: {why}", file=sys.stderr)
+        return 2
+    ncpu = len(os.sched_getaffinity(0))
+    cores = a.cores or [str(i % ncpu) for i in range(a.hosts)]
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    with Hosts(a.hosts, cores=cores) as hosts:
+        procs = []
+        for h in hosts:
+            cmd = [torchrun, "--nnodes", str(a.hosts), "--node_rank", str(h.index), "--master_addr", hosts[0].address,
+                   "--master_port", str(a.port), "--nproc_per_node", str(a.nproc), "--rdzv_conf", "timeout=120",
+                   "-m", a.module, *args]
+            procs.append(h.popen(cmd, stdout=None if h.index == 0 else subprocess.DEVNULL,
+                                 stderr=None if h.index == 0 else subprocess.DEVNULL))
+        print(f"{a.hosts} hosts ({', '.join(f'{h.address} on cores {h.cores}' for h in hosts)}), "
+              f"{a.nproc} rank(s) each: {a.module} {' '.join(args)}", file=sys.stderr, flush=True)
+        codes = []
+        for proc in procs:
+            try:
+                codes.append(proc.wait(timeout=a.timeout))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                codes.append(124)
+    return max(codes)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
