@@ -54,10 +54,15 @@ def summarize(ms: list[Measurement]) -> dict:
     }
 
 
-def add_roofline(row: dict, bytes_per_step: dict, probe: dict | None) -> dict:
-    """Bytes per step, achieved GB/s (bytes per step x steps per second) and % of the probe."""
+def add_roofline(row: dict, bytes_per_step: dict, probe: dict | None, host_ranks: int | None = None) -> dict:
+    """Bytes per step, achieved GB/s (bytes per step x steps per second) and % of the probe.
+    ``host_ranks``: across hosts, the probe measured host 0, so the bytes of host 0's ranks count."""
     steps_per_s = row["decode_tok_s"] / row["batch"]
-    achieved = bytes_per_step["total_bytes"] * steps_per_s / 1e9
+    counted = bytes_per_step["total_bytes"]
+    if host_ranks is not None:
+        counted = sum(r["weight_bytes"] + r["kv_bytes"] for r in bytes_per_step["per_rank"][:host_ranks])
+        row["roofline_scope"] = f"host 0's {host_ranks} rank(s) against host 0's probe"
+    achieved = counted * steps_per_s / 1e9
     row["bytes_per_step"] = bytes_per_step
     row["steps_per_s"] = steps_per_s
     row["achieved_gbps"] = achieved
@@ -238,7 +243,7 @@ def main(a) -> int:
     from ..engine.engine import CACHE_COLUMNS_STEP
     from ..engine.load import start
     from ..flags import engine_config
-    from ..parallel.launch import check_device
+    from ..parallel.launch import check_device, ranks_on_this_host
     from ..parallel.plan import plan
     from ..version import __version__
     from ..weights.default_model import default_model_path
@@ -290,6 +295,7 @@ def main(a) -> int:
     with start(dataclasses.replace(cfg, model=str(path), quant=quant)) as engine:
         tpr = int(engine.info.get("threads_per_rank") or torch.get_num_threads())
         total_threads = tpr * engine.world_size
+        local_ranks = ranks_on_this_host(engine.world_size)  # fewer than world_size across hosts
         dev = engine.runner.device
         print(f"tpllama bench: {model_label}, {engine.info['dtype']}, quant {engine.info['quant']}, "
               f"KV cache {engine.info['kv_cache']}, on {dev}")
@@ -316,7 +322,7 @@ def main(a) -> int:
         steps_by_rank = per_rank_steps(engine.runner.rank_times())
         memory = sampler.report()  # before the probe allocates its buffer
         bar.close()
-        probe = stream_probe(total_threads, probe_bytes, device=dev) if probe_bytes else None
+        probe = stream_probe(tpr * local_ranks, probe_bytes, device=dev) if probe_bytes else None
         bpw = model_bytes_per_weight(engine.runner.model)
         ctx = mean_decode_context(a.input_len, a.output_len)
         tp = summarize(ms)
@@ -326,7 +332,8 @@ def main(a) -> int:
                   threads_per_rank=tpr, threads_total=total_threads, memory=memory)
         kv_dtype = torch_dtype(engine.info["kv_cache"])
         tp["kv_cache"] = engine.info["kv_cache"]
-        rows.append(add_roofline(tp, step_bytes(args, engine.shares, dtype, bpw, a.batch, ctx, kv_dtype), probe))
+        rows.append(add_roofline(tp, step_bytes(args, engine.shares, dtype, bpw, a.batch, ctx, kv_dtype), probe,
+                                 host_ranks=local_ranks if local_ranks < engine.world_size else None))
         tp["per_rank_steps"] = steps_by_rank
         layout = {"world_size": engine.world_size, "threads_per_rank": tpr, "threads_total": total_threads,
                   "device": str(dev), "backend": engine.info.get("backend"), "launcher": engine.info.get("launcher"),
@@ -377,7 +384,8 @@ def main(a) -> int:
     if probe:
         print(f"\nroofline: {probe['method']} with {probe['threads']} thread(s): {probe['gbps']:.1f} GB/s "
               f"(runs {', '.join(f'{g:.1f}' for g in probe['runs_gbps'])}); per step: weights of every rank's share, "
-              f"one embedding row per prompt, KV cache at mean context {ctx:.0f}")
+              f"one embedding row per prompt, KV cache at mean context {ctx:.0f}"
+              + (f"; {rows[0]['roofline_scope']}" if rows[0].get("roofline_scope") else ""))
     load_end = os.getloadavg()
     if max(loadavg_start[0], load_end[0]) > total_threads + 0.5:
         print(f"note: the machine was busy (load average {loadavg_start[0]:.1f} -> {load_end[0]:.1f} on "

@@ -24,6 +24,7 @@ import torch
 
 from .. import kernels
 
+SPIN_US = 300.0  # an op polls its sockets without sleeping this long first (see tcp_collectives.cpp)
 KEEPALIVE_IDLE_S = 5  # a silent connection is probed after this long ...
 KEEPALIVE_INTERVAL_S = 2  # ... every this long ...
 KEEPALIVE_PROBES = 3  # ... and given up after this many unanswered probes (about 11 s)
@@ -153,7 +154,7 @@ class TcpCollectives:
             raise RuntimeError("tpllama TCP collectives are not available (no C++ compiler?)")
         self.index, self.size = index, len(fds)
         self.timeout_s = timeout_s
-        self._mesh = ext.Mesh(index, fds, timeout_s)
+        self._mesh = ext.Mesh(index, fds, timeout_s, SPIN_US)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         return self._mesh.all_reduce(x, self.timeout_s)
