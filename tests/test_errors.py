@@ -104,9 +104,9 @@ def test_cuda_asked_for_without_a_gpu(tiny_dirs, world_size):
         tpllama.load(tiny_dirs["gqa6"], world_size=world_size, device="cuda")
 
 
-def test_world_size_larger_than_kv_heads(tiny_dirs):
-    with pytest.raises(ValueError, match="world size 2 is larger than the model's 1 KV heads"):
-        tpllama.load(tiny_dirs["mqa5"], world_size=2)
+def test_world_size_larger_than_query_heads(tiny_dirs):
+    with pytest.raises(ValueError, match="world size 6 is larger than the model's 5 query heads"):
+        tpllama.load(tiny_dirs["mqa5"], world_size=6)
 
 
 @pytest.mark.parametrize("ids,match", [

@@ -72,8 +72,8 @@ def test_uneven_split_follows_kv_groups():
     assert shares[1].vocab == (24576, 49152)
     even = ModelArgs(dim=576, n_layers=1, n_heads=8, n_kv_heads=4, vocab_size=100, ffn_dim=1536, head_dim=64)
     assert [s.ffn for s in plan(even, 2)] == [(0, 768), (768, 1536)]  # even heads: even FFN
-    with pytest.raises(ShardError, match="world size 4 is larger than the model's 3 KV heads"):
-        plan(args, 4)
+    with pytest.raises(ShardError, match="world size 10 is larger than the model's 9 query heads"):
+        plan(args, 10)
 
 
 def merge_parts(directory: Path) -> dict[str, torch.Tensor]:
@@ -83,10 +83,21 @@ def merge_parts(directory: Path) -> dict[str, torch.Tensor]:
     for r in range(manifest["world_size"]):
         with safe_open(str(directory / "part_model" / str(r) / "model.safetensors"), "pt") as fh:
             parts.append({k: fh.get_tensor(k) for k in fh.keys()})
+    shares = [r["share"] for r in manifest["ranks"]]
     merged = {}
     for name in parts[0]:
         rule = split_rule(name)
-        merged[name] = parts[0][name] if rule is None else torch.cat([p[name] for p in parts], dim=rule[0])
+        if rule is None:
+            merged[name] = parts[0][name]
+            continue
+        dim, which = rule
+        seen, pieces = set(), []
+        for share, p in zip(shares, parts):  # KV heads held by several ranks (copies): once
+            key = tuple(share[which])
+            if key not in seen:
+                seen.add(key)
+                pieces.append(p[name])
+        merged[name] = torch.cat(pieces, dim=dim)
     return merged
 
 

@@ -23,20 +23,38 @@ def open_engine(a: argparse.Namespace, progress: bool = True, **extra):
 
 # ---------------------------------------------------------------------- cut
 def add_cut_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", required=True, help="HF directory or .gguf file")
+    p.add_argument("--input", required=True, help="HF directory, .gguf file, or a cut directory (re-cut without the original)")
     p.add_argument("--output", required=True, help="directory to write (DIR/part_model/<rank>/, DIR/manifest.json)")
     p.add_argument("--world-size", type=int, required=True)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--quant", default="none", help="none | auto | int8 | int4 (default none: float parts)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default float32; a re-cut keeps its source's)")
+    p.add_argument("--quant", default=None,
+                   help="none | auto | int8 | int4 (default none: float parts; a re-cut keeps its source's)")
+    p.add_argument("--shares", default=None, help="relative speed of each rank, e.g. 3,1 (default equal)")
 
 
 def cmd_cut(a: argparse.Namespace) -> int:
     from .config import EngineConfig
-    from .weights.parts import cut
+    from .weights.parts import cut, is_cut_dir, read_manifest
 
-    cfg = EngineConfig(model=a.input, world_size=a.world_size, dtype=a.dtype, quant=a.quant).validate()
+    if a.shares == "auto":
+        raise ValueError("--shares auto measures the hosts the ranks run on, so it works at start (run, serve, "
+                         "bench under torchrun), not in cut: give the numbers (tpllama probe prints them)")
+    source = Path(a.input).expanduser()
+    cfg = EngineConfig(model=a.input, world_size=a.world_size, dtype=a.dtype or "float32", quant=a.quant,
+                       shares=a.shares).validate()
     t0 = time.perf_counter()
-    out = cut(a.input, a.output, a.world_size, dtype=cfg.torch_dtype, quant=cfg.quant, progress=True)
+    if is_cut_dir(source):
+        from .weights.recut import recut
+
+        manifest = read_manifest(source)
+        for flag, asked, have in (("--dtype", a.dtype, manifest["dtype"]), ("--quant", a.quant, manifest["quant"])):
+            if asked is not None and asked != have:
+                raise ValueError(f"{flag} {asked}: {source} holds {have} parts, and a re-cut keeps them as they are; "
+                                 f"cut the original checkpoint for another {flag[2:]}")
+        out = recut(source, a.output, a.world_size, cfg.shares, progress=True)
+    else:
+        out = cut(source, a.output, a.world_size, dtype=cfg.torch_dtype, quant=cfg.quant, progress=True,
+                  proportions=cfg.shares)
     manifest = json.loads((out / "manifest.json").read_text())
     for r in manifest["ranks"]:
         s = r["share"]
@@ -209,6 +227,7 @@ def commands() -> dict:
     bench_add, bench_main = _lazy("bench.command")
     serve_add, serve_main = _lazy("serve.cli")
     quality_add, quality_main = _lazy("bench.quality")
+    probe_add, probe_main = _lazy("bench.probe")
     return {
         "cut": ("cut a checkpoint into N tensor-parallel parts", add_cut_args, cmd_cut),
         "run": ("the seed's job: warm-up, 16 Q&A, performance table", add_run_args, cmd_run),
@@ -217,6 +236,8 @@ def commands() -> dict:
         "bench": ("benchmark: the seed's table, comparisons, memory roofline", bench_add, bench_main),
         "serve": ("OpenAI-compatible HTTP server", serve_add, serve_main),
         "quality": ("greedy-token agreement of quantized weights with float32", quality_add, quality_main),
+        "probe": ("measure this host (every host under torchrun) and print the --shares to cut with", probe_add,
+                  probe_main),
     }
 
 

@@ -240,6 +240,8 @@ class EngineConfig:
         or "gloo" (torch.distributed's own, for comparison).
     iface: the network interface of this host's ranks (None: the one that routes to MASTER_ADDR;
         GLOO_SOCKET_IFNAME, when set, wins).
+    shares: the ranks' relative speeds, one per rank (the split gives each rank that proportion of
+        the weights; None: equal), or "auto": measured by every host at start (``tpllama probe``).
     """
 
     model: str | None = None
@@ -254,6 +256,7 @@ class EngineConfig:
     max_seq_len: int | None = None
     collectives: str = "auto"
     iface: str | None = None
+    shares: tuple[float, ...] | str | None = None
     progress: bool = False
     parts: str | None = None
 
@@ -282,7 +285,9 @@ class EngineConfig:
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
             raise ValueError(f"timeout_s must be a positive number of seconds, got {t!r}")
         model = None if self.model is None else str(Path(self.model).expanduser())
-        return dataclasses.replace(self, model=model, dtype=dtype, quant=quant, kv_cache=kv, timeout_s=float(t))
+        shares = parse_shares(self.shares, self.world_size)
+        return dataclasses.replace(self, model=model, dtype=dtype, quant=quant, kv_cache=kv, timeout_s=float(t),
+                                   shares=shares)
 
     @property
     def torch_dtype(self):
@@ -293,7 +298,26 @@ class EngineConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "EngineConfig":
-        return cls(**json.loads(text))
+        fields = json.loads(text)
+        if isinstance(fields.get("shares"), list):
+            fields["shares"] = tuple(fields["shares"])
+        return cls(**fields)
+
+
+def parse_shares(value, world_size: int) -> tuple[float, ...] | str | None:
+    """"3,1" / [3, 1] / "auto" / None -> the normal form (ValueError naming what is wrong)."""
+    if value is None or value == "auto":
+        return value
+    items = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        shares = tuple(float(x) for x in items)
+    except (TypeError, ValueError):
+        raise ValueError(f"shares {value!r}: give one positive number per rank, e.g. 3,1, or auto") from None
+    if len(shares) != world_size:
+        raise ValueError(f"shares {value!r}: {len(shares)} number(s) for {world_size} rank(s); give one per rank")
+    if any(not (s > 0 and math.isfinite(s)) for s in shares):
+        raise ValueError(f"shares {value!r}: every share must be a positive number")
+    return shares
 
 
 def torch_dtype(name: str):

@@ -26,6 +26,9 @@ def add_model_args(p: argparse.ArgumentParser, default_world_size: int = 1) -> N
     g.add_argument("--iface", default=None,
                    help="network interface of this host's ranks (default: the one that routes to MASTER_ADDR; "
                         "GLOO_SOCKET_IFNAME wins when set)")
+    g.add_argument("--shares", default=None,
+                   help="relative speed of each rank, e.g. 3,1: the split gives each rank that proportion of the "
+                        "weights (default equal); auto: every host measures itself at start (tpllama probe)")
     g.add_argument("--collectives", default="auto",
                    help="auto (shared memory inside a host, TCP between hosts; the default) | gloo")
     p.set_defaults(default_world_size=default_world_size)
@@ -61,4 +64,4 @@ def engine_config(a: argparse.Namespace, progress: bool = True, **extra) -> Engi
     """The validated engine settings of a command's flags (``extra``: fields the command sets)."""
     return EngineConfig(model=a.model, world_size=world_size_of(a), dtype=a.dtype, quant=a.quant, kv_cache=a.kv_cache,
                         device=a.device, threads=a.threads, timeout_s=a.timeout, iface=a.iface,
-                        collectives=a.collectives, progress=progress, **extra).validate()
+                        collectives=a.collectives, shares=a.shares, progress=progress, **extra).validate()

@@ -20,6 +20,7 @@ import torch
 
 from ..config import ModelArgs
 from ..parallel.plan import RankShare
+from ..parallel.probe import stream_probe  # noqa: F401  (the bench's roofline probe)
 
 GB = 1e9
 GiB = 1 << 30
@@ -206,35 +207,6 @@ def weight_bytes(args: ModelArgs, dtype: torch.dtype, quant: str | None, auto_bp
     if not args.tie_word_embeddings:
         b += bpw["output"] * args.vocab_size * args.dim
     return b
-
-
-# ---------------------------------------------------------------------- bandwidth probe
-def stream_probe(threads: int, nbytes: int = GiB, repeats: int = 3, device: str | torch.device = "cpu") -> dict:
-    """Memory-read bandwidth: ``torch.sum`` over ``nbytes`` of float32, best of ``repeats``."""
-    device = torch.device(device)
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        x = torch.ones(max(1, nbytes // 4), dtype=torch.float32, device=device)  # pages touched here
-        runs = []
-        for _ in range(repeats):
-            _sync_dev(device)
-            t0 = time.perf_counter()
-            s = x.sum()
-            _sync_dev(device)
-            dt = time.perf_counter() - t0
-            runs.append(x.numel() * 4 / dt / GB)
-            del s
-        del x
-    finally:
-        torch.set_num_threads(old)
-    return {"method": f"torch.sum over {nbytes / GiB:g} GiB float32, best of {repeats}", "bytes": int(nbytes),
-            "threads": threads, "device": str(device), "gbps": max(runs), "runs_gbps": runs}
-
-
-def _sync_dev(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ---------------------------------------------------------------------- resident memory of processes

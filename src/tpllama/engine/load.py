@@ -9,6 +9,7 @@ the ``Engine`` (rank 0). Spawned ranks enter at ``run_rank`` too (``parallel.wor
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -19,6 +20,7 @@ from ..config import DEFAULT_TIMEOUT_S, EngineConfig, torch_dtype
 from ..env import torchrun_env
 from ..parallel.comm import Communicator, RankFailure
 from ..parallel.launch import check_device, launch, threads_per_rank
+from ..parallel.probe import measured_shares
 from ..weights.checkpoint import CheckpointError
 from ..weights.ship import ship_parts
 from ..weights.source import rank_weights, tokenizer_for, with_parts
@@ -41,6 +43,7 @@ def load(
     kv_cache: str = "auto",
     max_batch: int | None = None,
     max_seq_len: int | None = None,
+    shares=None,
 ) -> Engine:
     """Load a model on ``world_size`` ranks and return the engine (on rank 0).
 
@@ -51,13 +54,14 @@ def load(
     it and exit when rank 0 closes its engine. ``kv_cache``: auto | float32 | float16, the KV
     cache's element type (auto: float16 for quantized float32 models on the CPU, else ``dtype``).
     ``max_batch``: sequences decoded together (None: every prompt of a call); ``max_seq_len``: a
-    cap on tokens per sequence (None: the model's context). See ``config.EngineConfig``.
+    cap on tokens per sequence (None: the model's context); ``shares``: the ranks' relative speeds
+    for the split ("3,1", [3, 1] or "auto"; None: equal). See ``config.EngineConfig``.
     """
     if isinstance(dtype, torch.dtype):
         dtype = str(dtype).removeprefix("torch.")
     cfg = EngineConfig(model=None if path is None else os.fspath(path), world_size=world_size, dtype=dtype, quant=quant,
                        kv_cache=kv_cache, device=device, threads=threads, timeout_s=timeout_s, progress=progress,
-                       max_batch=max_batch, max_seq_len=max_seq_len)
+                       max_batch=max_batch, max_seq_len=max_seq_len, shares=shares)
     return start(cfg.validate())
 
 
@@ -65,10 +69,14 @@ def start(cfg: EngineConfig) -> Engine:
     """See the module docstring. ``cfg`` is validated."""
     check_device(cfg.device, cfg.world_size)
     torchrun = torchrun_env() is not None
+    if cfg.shares == "auto" and not torchrun:  # every rank on this host: the same speed
+        cfg = dataclasses.replace(cfg, shares=None)
     if not torchrun:  # before any rank starts: bad input is reported here, not as a rank failure
         cfg = with_parts(cfg)
     comm, workers = launch(cfg)
     if torchrun:  # rank 0 cuts (once, into the cache); the others wait for it, then get their parts
+        if cfg.shares == "auto":  # every host measures itself; the split follows
+            cfg = dataclasses.replace(cfg, shares=measured_shares(comm, threads_per_rank(cfg)))
         cfg = comm.broadcast_object(with_parts(cfg) if comm.rank == 0 else None)
         cfg = ship_parts(cfg, comm, cfg.progress)
     return run_rank(cfg, comm, workers)

@@ -1,16 +1,26 @@
 """THE split table: which tensor splits on which dimension, and what each rank holds.
 
-Used by the cutter (``cut.py``) and by the loader alike, so a part on disk and a part sliced at
-load time are the same thing.
+Used by the cutter (``weights.parts``) and by the loader alike, so a part on disk and a part
+sliced at load time are the same thing.
 
 Rules (as in the seed): q/k/v/gate/up split along output features (dim 0), o_proj/down_proj
 along input features (dim 1); norms and the token embedding are replicated; lm_head is split
-along the vocabulary (dim 0) so each rank reads only 1/N of the largest matrix of a small model
-per token, and rank 0 gathers the logits. Attention heads are split in whole KV groups, balanced
-(the last ``n_kv % N`` ranks get one more group: rank 0 also drives generation); the FFN is split
-in blocks of 32 features, so quantized blocks are never cut in half, and unevenly where the
-heads are uneven, so that every rank holds as nearly as possible the same number of layer
-weights (attention + FFN) and reads the same weight bytes per decode step.
+along the vocabulary (dim 0) so each rank reads only its share of the largest matrix of a small
+model per token, and rank 0 gathers the logits.
+
+Attention heads: with N ranks and at most as many KV heads, each rank holds whole KV groups (a
+KV head and its query heads), as many as its proportion asks (equal proportions: the last
+``n_kv % N`` ranks get one group more: rank 0 also drives generation). With more ranks than KV
+heads (up to the number of query heads), the ranks are spread over the KV groups as evenly as
+possible and each rank holds a copy of one KV head and part of its group's query heads (vLLM's
+rule for TP > KV heads, without its divisibility limits): the KV cache of a rank holds that one
+head. The FFN is split in blocks of 32 features, so quantized blocks are never cut in half, and
+unevenly where the heads are uneven, so that every rank holds as nearly as possible its
+proportion of the layer weights (attention + FFN) and reads that share of the weight bytes per
+decode step; the vocabulary rows follow the proportions too.
+
+Proportions (``--shares 3,1``): relative speeds of the ranks, e.g. from ``tpllama probe``;
+default equal.
 """
 
 from __future__ import annotations
@@ -74,46 +84,93 @@ def _ranges(counts: list[int]) -> list[tuple[int, int]]:
     return ranges
 
 
-def _kv_groups(n_kv_heads: int, world_size: int) -> list[tuple[int, int]]:
-    """Whole KV groups, as even as possible; the extra groups go to the last ranks."""
-    base, extra = divmod(n_kv_heads, world_size)
-    return _ranges([base + (1 if r >= world_size - extra else 0) for r in range(world_size)])
-
-
-def _ffn_units(fixed: list[int], units: int, per_unit: int) -> list[int]:
-    """Split ``units`` FFN blocks (``per_unit`` weights each, at least one per rank) so that
-    ``fixed[r]`` + rank r's FFN weights are as equal as possible: each block in turn goes to the
-    rank holding the fewest weights (ties: the lowest rank)."""
-    counts = [1] * len(fixed)
-    for _ in range(units - len(fixed)):
-        r = min(range(len(fixed)), key=lambda i: (fixed[i] + counts[i] * per_unit, i))
+def _apportion(total: int, weights: list[float], minimum: int = 1, extra_to_last: bool = False) -> list[int]:
+    """``total`` units over len(weights) parts in proportion to ``weights``, at least ``minimum``
+    each (largest remainder; ties go to the first parts, or to the last ones)."""
+    n = len(weights)
+    w = sum(weights)
+    ideal = [total * x / w for x in weights]
+    counts = [max(minimum, int(v)) for v in ideal]
+    order = list(range(n))[::-1] if extra_to_last else list(range(n))
+    rank_in_order = {i: k for k, i in enumerate(order)}
+    while sum(counts) > total:  # the minimum pushed some up: take back from the most over-served
+        r = max((i for i in order if counts[i] > minimum), key=lambda i: (counts[i] - ideal[i], -rank_in_order[i]))
+        counts[r] -= 1
+    while sum(counts) < total:  # the largest remainders first
+        r = max(order, key=lambda i: (ideal[i] - counts[i], -rank_in_order[i]))
         counts[r] += 1
     return counts
 
 
-def plan(args: ModelArgs, world_size: int) -> list[RankShare]:
-    """The share of every rank, or ShardError naming why ``world_size`` cannot be served."""
+def check_proportions(proportions, world_size: int) -> list[float]:
+    """The proportions as floats (ShardError naming what is wrong)."""
+    if proportions is None:
+        return [1.0] * world_size
+    try:
+        values = [float(x) for x in proportions]
+    except (TypeError, ValueError):
+        raise ShardError(f"shares must be numbers, one per rank, got {proportions!r}") from None
+    if len(values) != world_size:
+        raise ShardError(f"{len(values)} shares ({', '.join(map(str, proportions))}) given for {world_size} ranks: "
+                         f"one per rank")
+    if any(not v > 0 or v == float("inf") for v in values):
+        raise ShardError(f"shares must be positive finite numbers, got {', '.join(map(str, proportions))}")
+    return values
+
+
+def _ffn_units(fixed: list[int], units: int, per_unit: int, weights: list[float]) -> list[int]:
+    """Split ``units`` FFN blocks (``per_unit`` weights each, at least one per rank) so that
+    ``fixed[r]`` + rank r's FFN weights are as near as possible to rank r's proportion: each block
+    in turn goes to the rank holding the fewest weights for its proportion (ties: the lowest rank)."""
+    counts = [1] * len(fixed)
+    for _ in range(units - len(fixed)):
+        r = min(range(len(fixed)), key=lambda i: ((fixed[i] + counts[i] * per_unit) / weights[i], i))
+        counts[r] += 1
+    return counts
+
+
+def _heads(args: ModelArgs, world_size: int, weights: list[float]) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """(query heads, KV heads) of every rank; see the module docstring."""
+    g = args.group_size
+    if world_size <= args.n_kv_heads:  # whole KV groups
+        equal = len(set(weights)) == 1
+        kv = _ranges(_apportion(args.n_kv_heads, weights, extra_to_last=equal))
+        return [((a * g, b * g), (a, b)) for a, b in kv]
+    # more ranks than KV heads: ranks per group, then each group's query heads among its ranks
+    ranks_per_group = _apportion(world_size, [1.0] * args.n_kv_heads, extra_to_last=True)
+    if any(n > g for n in ranks_per_group):
+        raise ShardError(f"world size {world_size}: a KV group of {g} query heads cannot be split over "
+                         f"{max(ranks_per_group)} ranks")
+    out, r = [], 0
+    for kvh, n in enumerate(ranks_per_group):
+        mine = weights[r:r + n]
+        for a, b in _ranges(_apportion(g, mine, extra_to_last=len(set(mine)) == 1)):
+            out.append(((kvh * g + a, kvh * g + b), (kvh, kvh + 1)))
+        r += n
+    return out
+
+
+def plan(args: ModelArgs, world_size: int, proportions=None) -> list[RankShare]:
+    """The share of every rank, or ShardError naming why ``world_size`` cannot be served.
+    ``proportions``: relative speeds of the ranks (default equal)."""
     if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
         raise ShardError(f"world size must be a positive integer, got {world_size!r}")
-    if world_size > args.n_kv_heads:
+    if world_size > args.n_heads:
         raise ShardError(
-            f"world size {world_size} is larger than the model's {args.n_kv_heads} KV heads: heads are split in "
-            f"whole KV groups, so at most {args.n_kv_heads} ranks can be used"
+            f"world size {world_size} is larger than the model's {args.n_heads} query heads: each rank needs at "
+            f"least one, so at most {args.n_heads} ranks can be used"
         )
+    weights = check_proportions(proportions, world_size)
     unit = FFN_ALIGN if args.ffn_dim % FFN_ALIGN == 0 else 1
     if args.ffn_dim // unit < world_size:
         raise ShardError(f"FFN width {args.ffn_dim} is too small to split over {world_size} ranks")
-    g = args.group_size
-    kv = _kv_groups(args.n_kv_heads, world_size)
-    # weights per layer: q, o (g query heads per KV head) and k, v of each KV group; 3 per FFN feature
-    attention = [(b - a) * (2 * g + 2) * args.head_dim * args.dim for a, b in kv]
-    counts = _ffn_units(attention, args.ffn_dim // unit, 3 * args.dim * unit)
+    heads = _heads(args, world_size, weights)
+    # weights per layer: q and o rows of its query heads, k and v of its KV heads; 3 per FFN feature
+    attention = [((h[1] - h[0]) * 2 + (k[1] - k[0]) * 2) * args.head_dim * args.dim for h, k in heads]
+    counts = _ffn_units(attention, args.ffn_dim // unit, 3 * args.dim * unit, weights)
     ffn = [(a * unit, b * unit) for a, b in _ranges(counts)]
-    base, extra = divmod(args.vocab_size, world_size)
-    vocab = _ranges([base + (1 if r < extra else 0) for r in range(world_size)])
-    return [
-        RankShare(r, world_size, kv[r], (kv[r][0] * g, kv[r][1] * g), ffn[r], vocab[r]) for r in range(world_size)
-    ]
+    vocab = _ranges(_apportion(args.vocab_size, weights))
+    return [RankShare(r, world_size, heads[r][1], heads[r][0], ffn[r], vocab[r]) for r in range(world_size)]
 
 
 # HF tensor-name suffix -> (dimension split, which range of RankShare, unit size in features)

@@ -126,7 +126,7 @@ class HFCheckpoint(Checkpoint):
         files = self._weight_files()
         for f in files:
             if f.suffix == ".safetensors":
-                for name, shape in _safetensors_header(f).items():
+                for name, shape in safetensors_shapes(f).items():
                     self._where[name] = f
                     self._shapes[name] = shape
             else:
@@ -202,7 +202,7 @@ class HFCheckpoint(Checkpoint):
         self._bins.clear()
 
 
-def _safetensors_header(f: Path) -> dict[str, tuple[int, ...]]:
+def safetensors_shapes(f: Path) -> dict[str, tuple[int, ...]]:
     """Parse and check a safetensors header: names and shapes, offsets within the file."""
     size = f.stat().st_size
     try:

@@ -91,14 +91,16 @@ def cut(
     quant: str | None = None,
     progress: bool = True,
     reuse: bool = False,
+    proportions=None,
 ) -> Path:
     """Cut ``source`` into ``world_size`` parts under ``output``; returns ``output``.
 
     ``reuse``: keep a finished cut already at ``output`` (for the cache, where another process may
-    have made it while this one waited for the writer lock)."""
+    have made it while this one waited for the writer lock). ``proportions``: the ranks' relative
+    speeds (``parallel.plan``; default equal)."""
     ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(source)
     args = ckpt.args
-    shares = plan(args, world_size)  # refuses an impossible world size before any work
+    shares = plan(args, world_size, proportions)  # refuses an impossible world size before any work
     ckpt.validate()
     output = Path(output)
     with StagedWrite(output, progress=progress) as staged:
@@ -117,7 +119,7 @@ def cut(
                 last_module = module
             del t
         bar.close()
-        writer.finish(dtype, quant, {"path": str(ckpt.path), "kind": ckpt.kind}, _tokenizer_source(ckpt))
+        writer.finish(dtype, quant, {"path": str(ckpt.path), "kind": ckpt.kind}, _tokenizer_source(ckpt), proportions)
         staged.publish(writer.directory)
     return output
 
@@ -139,7 +141,8 @@ class PartsWriter:
     def write(self, rank: int, name: str, tensor: torch.Tensor) -> None:
         self.writers[rank].write(name, tensor)
 
-    def finish(self, dtype: torch.dtype, quant: str | None, source: dict, tokenizer_source: Path | None) -> None:
+    def finish(self, dtype: torch.dtype, quant: str | None, source: dict, tokenizer_source: Path | None,
+               proportions=None) -> None:
         world_size = len(self.shares)
         meta = {"format": FORMAT, "world_size": str(world_size)}
         ranks = []
@@ -147,7 +150,7 @@ class PartsWriter:
             w.close(dict(meta, rank=str(share.rank)))
             write_part_files(p, self.args, share, tokenizer_source)
             ranks.append({"share": share.to_json(), "files": file_digests(p)})
-        write_manifest(self.directory, world_size, dtype, quant, source, self.args, ranks)
+        write_manifest(self.directory, world_size, dtype, quant, source, self.args, ranks, proportions)
 
 
 def write_part_files(part: Path, args: ModelArgs, share: RankShare, tokenizer_source: Path | None) -> None:
@@ -164,7 +167,7 @@ def file_digests(part: Path) -> dict[str, str]:
 
 
 def write_manifest(directory: Path, world_size: int, dtype: torch.dtype, quant: str | None, source: dict,
-                   args: ModelArgs, ranks: list[dict]) -> None:
+                   args: ModelArgs, ranks: list[dict], proportions=None) -> None:
     """DIR/manifest.json: what each rank holds and the sha256 of its files (``ranks``)."""
     manifest = {
         "format": FORMAT,
@@ -173,9 +176,11 @@ def write_manifest(directory: Path, world_size: int, dtype: torch.dtype, quant: 
         "world_size": world_size,
         "dtype": str(dtype).removeprefix("torch."),
         "quant": quant or "none",
+        "shares": None if proportions is None else [float(x) for x in proportions],
         "source": source,
         "split": {
-            "heads": "whole KV groups, balanced",
+            "heads": "whole KV groups for world size <= KV heads; else each rank a copy of one KV head and part "
+                     "of its group's query heads (see each rank's share)",
             "q,k,v,gate,up": "output features (dim 0)",
             "o,down": "input features (dim 1)",
             "lm_head": "vocabulary rows (dim 0); logits gathered",
@@ -231,7 +236,7 @@ def check_manifest(directory: Path, manifest: dict, needed: list[int] | None = N
         raise CheckpointError(f"{where} says world size {n} but lists {len(ranks)} rank(s); {holds}. The manifest was "
                               f"edited or damaged: cut the checkpoint again")
     try:
-        shares = [_share(entry) for entry in ranks]
+        shares = [share_from_json(entry) for entry in ranks]
         args = ModelArgs.from_hf_config(manifest["config"])
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{where} is damaged ({type(err).__name__}: {err}); cut the checkpoint again") from None
@@ -241,11 +246,15 @@ def check_manifest(directory: Path, manifest: dict, needed: list[int] | None = N
                                   f"rank {i} of {n}; cut the checkpoint again")
         if not isinstance(entry.get("files"), dict) or not entry["files"]:
             raise CheckpointError(f"{where}: rank {i} lists no files; cut the checkpoint again")
-    for what, total in (("heads", args.n_heads), ("kv_heads", args.n_kv_heads), ("ffn", args.ffn_dim),
-                        ("vocab", args.vocab_size)):
+    for what, total in (("heads", args.n_heads), ("ffn", args.ffn_dim), ("vocab", args.vocab_size)):
         ranges = [getattr(s, what) for s in shares]
         if ranges[0][0] != 0 or ranges[-1][1] != total or any(a[1] != b[0] for a, b in zip(ranges, ranges[1:])):
             raise CheckpointError(f"{where}: the ranks' {what} ranges {ranges} do not cover 0..{total} of the model; "
+                                  f"cut the checkpoint again")
+    g = args.group_size
+    for s in shares:  # each rank holds (a copy of) exactly the KV heads its query heads use
+        if s.kv_heads != (s.heads[0] // g, (s.heads[1] - 1) // g + 1):
+            raise CheckpointError(f"{where}: rank {s.rank} holds query heads {s.heads} but KV heads {s.kv_heads}; "
                                   f"cut the checkpoint again")
     missing = [r for r in (range(n) if needed is None else needed) if r not in on_disk]
     if missing or any(r >= n for r in on_disk):
@@ -262,10 +271,10 @@ def check_world_size(directory: Path, manifest: dict, world_size: int) -> None:
 
 def manifest_shares(directory: Path) -> list[RankShare]:
     """What every rank of a cut holds, as recorded when it was cut."""
-    return [_share(entry) for entry in read_manifest(directory, needed=[])["ranks"]]
+    return [share_from_json(entry) for entry in read_manifest(directory, needed=[])["ranks"]]
 
 
-def _share(entry: dict) -> RankShare:
+def share_from_json(entry: dict) -> RankShare:
     return RankShare(**{k: tuple(v) if isinstance(v, list) else v for k, v in entry["share"].items()})
 
 
@@ -286,7 +295,7 @@ def load_part(directory: Path, rank: int, world_size: int, verify: bool = True):
             if got != digest:
                 raise CheckpointError(f"{f} is corrupt: sha256 {got} does not match the manifest's {digest}")
     args = ModelArgs.from_hf_config(manifest["config"])
-    share = _share(entry)
+    share = share_from_json(entry)
     tensors = {}
     try:
         with safe_open(str(part / "model.safetensors"), framework="pt") as fh:

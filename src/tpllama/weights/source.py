@@ -30,33 +30,38 @@ def model_path(model: str | None, progress: bool) -> Path:
     return Path(model).expanduser() if model is not None else default_model_path(quiet=not progress)
 
 
-def cut_cache_key(path: Path, world_size: int, dtype: torch.dtype, quant: str | None) -> str:
+def cut_cache_key(path: Path, world_size: int, dtype: torch.dtype, quant: str | None, proportions=None) -> str:
     """Identity of a cut in the cache: the source file's path, size and mtime, and the cut's settings."""
     files = sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else [path]
     # the tool version and the parts' format: a cut made by an older tpllama is not reused
     ident = [str(path.resolve()), str(world_size), str(dtype), str(quant), __version__, partsmod.FORMAT, "stored-form-2", "plan-2"]
+    if proportions is not None:
+        ident.append("shares=" + ",".join(f"{x:g}" for x in proportions))
     ident += [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
     return hashlib.sha256("|".join(ident).encode()).hexdigest()[:16]
 
 
-def resolve_parts(path: Path, world_size: int, dtype: torch.dtype, quant: str | None, progress: bool) -> Path:
+def resolve_parts(path: Path, world_size: int, dtype: torch.dtype, quant: str | None, progress: bool,
+                  proportions=None) -> Path:
     """A cut directory for ``world_size`` ranks: ``path`` itself (checked against its manifest,
-    refusing a mismatched world size naming both numbers), or the cache's cut of it (made now if
-    missing)."""
+    refusing a mismatched world size naming both numbers), or the cache's cut of it with the
+    ranks' ``proportions`` (made now if missing)."""
     if partsmod.is_cut_dir(path):
         manifest = partsmod.read_manifest(path)
         partsmod.check_world_size(path, manifest, world_size)
         return path
     if not path.exists():
         raise CheckpointError(f"model path {path} does not exist")
-    target = cache_dir() / "parts" / f"{path.stem}-tp{world_size}-{cut_cache_key(path, world_size, dtype, quant)}"
+    key = cut_cache_key(path, world_size, dtype, quant, proportions)
+    target = cache_dir() / "parts" / f"{path.stem}-tp{world_size}-{key}"
     if partsmod.is_cut_dir(target):
         return target
     ckpt = open_checkpoint(path)
-    plan(ckpt.args, world_size)
+    plan(ckpt.args, world_size, proportions)
     if progress:
         print(f"tpllama: cutting {ckpt.path} into {world_size} parts at {target} (first time only)", file=sys.stderr)
-    partsmod.cut(ckpt, target, world_size, dtype=dtype, quant=quant, progress=progress, reuse=True)
+    partsmod.cut(ckpt, target, world_size, dtype=dtype, quant=quant, progress=progress, reuse=True,
+                 proportions=proportions)
     return target
 
 
@@ -68,7 +73,8 @@ def with_parts(cfg: EngineConfig) -> EngineConfig:
     path = model_path(cfg.model, cfg.progress)
     parts = None
     if cfg.world_size > 1 or partsmod.is_cut_dir(path):
-        parts = str(resolve_parts(path, cfg.world_size, cfg.torch_dtype, cfg.quant, cfg.progress))
+        proportions = None if cfg.shares in (None, "auto") else cfg.shares
+        parts = str(resolve_parts(path, cfg.world_size, cfg.torch_dtype, cfg.quant, cfg.progress, proportions))
     elif not path.exists():
         raise CheckpointError(f"model path {path} does not exist")
     return dataclasses.replace(cfg, model=str(path), parts=parts)
