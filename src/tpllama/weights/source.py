@@ -49,7 +49,18 @@ def resolve_parts(path: Path, world_size: int, dtype: torch.dtype, quant: str | 
     if partsmod.is_cut_dir(path):
         manifest = partsmod.read_manifest(path)
         partsmod.check_world_size(path, manifest, world_size)
-        return path
+        if proportions is None or [float(x) for x in proportions] == manifest.get("shares"):
+            return path
+        # other shares asked for: re-cut it (once, into the cache), no original checkpoint needed
+        from .recut import recut
+
+        target = cache_dir() / "parts" / f"{path.name}-{cut_cache_key(path, world_size, dtype, quant, proportions)}"
+        if not partsmod.is_cut_dir(target):
+            if progress:
+                print(f"tpllama: re-cutting {path} with shares {','.join(f'{x:g}' for x in proportions)} at {target} "
+                      f"(first time only)", file=sys.stderr)
+            recut(path, target, world_size, proportions, progress=progress)
+        return target
     if not path.exists():
         raise CheckpointError(f"model path {path} does not exist")
     key = cut_cache_key(path, world_size, dtype, quant, proportions)
