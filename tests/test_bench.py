@@ -131,7 +131,7 @@ def test_bench_refuses_13b_float32_up_front(tmp_path, monkeypatch, capsys):
         (["--batch", "0"], "--batch"),
         (["--synthetic", "llama-70b"], "--synthetic"),
         (["--synthetic", "smollm2-135m", "--model", "x"], "either --model or --synthetic"),
-        (["--synthetic", "smollm2-135m", "--world-size", "4"], "KV heads"),
+        (["--synthetic", "smollm2-135m", "--world-size", "10"], "query heads"),
         (["--synthetic", "llama-7b", "--input-len", "2000", "--output-len", "100"], "context length 2048"),
         (["--synthetic", "smollm2-135m", "--dtype", "float64"], "float64"),
         (["--synthetic", "smollm2-135m", "--json", "/nonexistent-dir/x.json"], "does not exist"),
