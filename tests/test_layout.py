@@ -58,7 +58,8 @@ def test_folders_by_role():
     packages = {p.parent.name for p in ROOT.glob("*/__init__.py")}
     assert {"engine", "model", "parallel", "weights", "serve", "bench", "kernels"} <= packages
     loose = sorted(p.name for p in ROOT.glob("*.py"))
-    assert loose == ["__init__.py", "__main__.py", "cli.py", "config.py", "env.py", "flags.py", "version.py"], loose
+    assert loose == ["__init__.py", "__main__.py", "cli.py", "config.py", "env.py", "errors.py", "flags.py",
+                     "version.py"], loose
 
 
 def test_no_import_cycles():

@@ -17,7 +17,7 @@ def __getattr__(name: str):
 
         return EngineConfig
     if name == "RankFailure":
-        from .parallel.comm import RankFailure
+        from .errors import RankFailure
 
         return RankFailure
     raise AttributeError(f"module 'tpllama' has no attribute {name!r}")

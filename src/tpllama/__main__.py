@@ -1,5 +1,5 @@
-import sys
+"""``python -m tpllama``: the same as the ``tpllama`` command."""
 
-from .cli import main
+from .cli import run
 
-sys.exit(main())
+run()

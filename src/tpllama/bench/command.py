@@ -20,13 +20,9 @@ import platform
 import statistics
 from pathlib import Path
 
-import torch
-
-from .timing import Measurement, device_name, measure, synthetic_prompt
-
 
 # ---------------------------------------------------------------------- summaries
-def summarize(ms: list[Measurement]) -> dict:
+def summarize(ms: list) -> dict:
     """Median figures over repetitions (and each repetition's own)."""
     med = statistics.median
     b, s_in = ms[0].batch, ms[0].input_len
@@ -174,6 +170,9 @@ def add_arguments(p) -> None:
     g.add_argument("--probe-mib", type=int, default=1024,
                    help="size of the memory-bandwidth probe in MiB (default 1024; 0 = no probe, no %% of roofline)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--startup", action="store_true",
+                   help="instead: wall time and peak memory from process start to the first and last of 4 tokens "
+                        "(generate at N=1 and 2, from the GGUF file and a cut) and to a healthy server, cold and warm")
 
 
 def _check_flags(a) -> None:
@@ -237,7 +236,17 @@ def main(a) -> int:
     import datetime
     import sys
 
+    if a.startup:
+        from . import startup
+
+        rows = startup.measure(a.model)
+        print(startup.table(rows))
+        if a.json:
+            write_json(a.json, {"tool": "tpllama bench --startup", "rows": rows})
+        return 0
+
     import psutil
+    import torch
 
     from ..config import torch_dtype
     from ..engine.engine import CACHE_COLUMNS_STEP
@@ -249,6 +258,7 @@ def main(a) -> int:
     from ..weights.default_model import default_model_path
     from .roofline import (RssSampler, analytic_bytes_per_weight, check_fits, mean_decode_context,
                            model_bytes_per_weight, step_bytes, stream_probe)
+    from .timing import Measurement, device_name, measure, synthetic_prompt
 
     _check_flags(a)
     cfg = engine_config(a, progress=not a.no_progress)

@@ -3,8 +3,6 @@ and the ``--shares`` to cut with. Without torchrun: this host alone."""
 
 from __future__ import annotations
 
-import torch
-
 
 def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, default=None, help="threads per rank (default: cores / ranks on this host)")
@@ -14,6 +12,8 @@ def add_arguments(p) -> None:
 
 def main(a) -> int:
     """Under torchrun: every rank measures, rank 0 prints the table. Else: this host alone."""
+    import torch
+
     from ..config import EngineConfig
     from ..env import torchrun_env
     from ..parallel.comm import Communicator

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 
-import torch
-
 
 def reference_answers(engine, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """Float32's greedy continuation of each prompt (stops at EOS)."""
@@ -22,17 +20,19 @@ def reference_answers(engine, prompts: list[list[int]], max_new_tokens: int) -> 
     return out
 
 
-@torch.inference_mode()
 def greedy_choices(engine, ids: list[int], answer: list[int]) -> list[int]:
     """The engine's argmax after each prefix prompt + answer[:i], i = 0..len(answer)-1 (one
     rank), computed exactly as generation does: the prompt prefilled, then one decode step per
     answer token (the fused quantized blocks, with int8-quantized activations)."""
+    import torch
+
     runner = engine.runner
     runner.ensure_cache(1, len(ids) + len(answer) + 1)
-    choices = [int(runner.forward(torch.tensor([ids]), torch.arange(len(ids))[None], slice(0, 1))[0, -1].argmax())]
-    for i, tok in enumerate(answer[:-1]):
-        pos = torch.tensor([[len(ids) + i]])
-        choices.append(int(runner.forward(torch.tensor([[tok]]), pos, slice(0, 1))[0, -1].argmax()))
+    with torch.inference_mode():
+        choices = [int(runner.forward(torch.tensor([ids]), torch.arange(len(ids))[None], slice(0, 1))[0, -1].argmax())]
+        for i, tok in enumerate(answer[:-1]):
+            pos = torch.tensor([[len(ids) + i]])
+            choices.append(int(runner.forward(torch.tensor([[tok]]), pos, slice(0, 1))[0, -1].argmax()))
     return choices
 
 

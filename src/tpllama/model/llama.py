@@ -30,6 +30,19 @@ def identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def linear(in_features: int, out_features: int, device=None, dtype=None, weight: torch.Tensor | None = None) -> nn.Linear:
+    """An ``nn.Linear`` without bias whose weight is ``weight``, or allocated and not initialised
+    (the weights are loaded right after: initialising them costs start-up time for nothing)."""
+    layer = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(layer)
+    layer.in_features, layer.out_features = in_features, out_features
+    if weight is None:
+        weight = torch.empty(out_features, in_features, device=device, dtype=dtype)
+    layer.weight = nn.Parameter(weight, requires_grad=False)
+    layer.register_parameter("bias", None)
+    return layer
+
+
 @dataclasses.dataclass(frozen=True)
 class LocalSizes:
     """What one rank holds: its query heads, KV heads, FFN width and vocabulary rows."""
@@ -48,7 +61,7 @@ class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, device=None, dtype=None):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype), requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(dim, device=device, dtype=dtype), requires_grad=False)  # loaded next
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., dim] -> [..., dim]; normalised in float32 like transformers."""
@@ -73,8 +86,8 @@ class Attention(nn.Module):
         self.n_kv_heads = local.n_kv_heads
         self.head_dim = args.head_dim
         qkv_out = (local.n_heads + 2 * local.n_kv_heads) * args.head_dim
-        self.wqkv = nn.Linear(args.dim, qkv_out, bias=False, device=device, dtype=dtype)
-        self.wo = nn.Linear(local.n_heads * args.head_dim, args.dim, bias=False, device=device, dtype=dtype)
+        self.wqkv = linear(args.dim, qkv_out, device, dtype)
+        self.wo = linear(local.n_heads * args.head_dim, args.dim, device, dtype)
 
     def forward(self, x, cos, sin, cache_k, cache_v, rows, positions, mask, length):
         """x [B, T, dim]; cos/sin [B, T, 1, D]; cache_k/v [slots, Hkv, max_len, D];
@@ -143,8 +156,8 @@ class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs, local: LocalSizes, device=None, dtype=None):
         super().__init__()
         self.ffn_dim = local.ffn_dim
-        self.w_gate_up = nn.Linear(args.dim, 2 * local.ffn_dim, bias=False, device=device, dtype=dtype)
-        self.w_down = nn.Linear(local.ffn_dim, args.dim, bias=False, device=device, dtype=dtype)
+        self.w_gate_up = linear(args.dim, 2 * local.ffn_dim, device, dtype)
+        self.w_down = linear(local.ffn_dim, args.dim, device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, T, dim] -> [B, T, dim] (partial sum before ``reduce``)."""
@@ -178,10 +191,13 @@ class Transformer(nn.Module):
         self.local = local or LocalSizes.whole(args)
         self.reduce = reduce
         self.gather_vocab = gather_vocab
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim, device=device, dtype=dtype)
+        # weights are not initialised (they are loaded next): a random normal_ on the meta device
+        # alone costs seconds of Python decompositions at start-up
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim, device=device, dtype=dtype,
+                                           _weight=torch.empty(args.vocab_size, args.dim, device=device, dtype=dtype))
         self.layers = nn.ModuleList(Block(args, self.local, device, dtype) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps, device, dtype)
-        self.output = nn.Linear(args.dim, self.local.vocab_rows, bias=False, device=device, dtype=dtype)
+        self.output = linear(args.dim, self.local.vocab_rows, device, dtype)
         self.cache: KVCache | None = None
         # Decode steps through the fused C++ blocks when possible (see model.fused, chosen by the
         # runner); built on the first decode step from the weights then in place, dropped when

@@ -417,7 +417,7 @@ def cat_rows(modules: Sequence[QuantLinear]) -> QuantLinear:
 def from_gguf_blocks(raw, ggml_type, shape_out_in: tuple) -> QuantLinear:
     """Wrap GGUF quantized blocks without a float detour.
 
-    ``raw``: the uint8 array ``gguf.GGUFReader`` gives for the tensor (``[rows, bytes_per_row]``,
+    ``raw``: the uint8 array a GGUF reader gives for the tensor (``[rows, bytes_per_row]``,
     any shape with the right number of bytes is accepted); ``shape_out_in``: (out, in).
     Q8_0 -> Int8Linear (float16 scales), Q4_0 / Q4_1 -> Int4Linear (float16 scales and mins;
     float32 if ``-8 d`` of a Q4_0 block overflows float16). Other types raise ValueError.

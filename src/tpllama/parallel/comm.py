@@ -20,9 +20,7 @@ import time
 
 import torch
 
-
-class RankFailure(RuntimeError):
-    """Another rank died, hung past the timeout, or a collective failed."""
+from ..errors import RankFailure
 
 
 def identity(x):

@@ -30,12 +30,9 @@ import dataclasses
 import torch
 
 from ..config import ModelArgs
+from ..errors import ShardError
 
 FFN_ALIGN = 32
-
-
-class ShardError(ValueError):
-    """A world size this model cannot be split into."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -16,10 +17,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, ModelArgs
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable, truncated or holds tensors of the wrong shape."""
+from ..errors import CheckpointError
 
 
 # ---------------------------------------------------------------------- names and shapes
@@ -265,35 +263,18 @@ def unpermute_rows(w, n_heads: int):
     return w.reshape(rows, *rest)
 
 
-def read_gguf_fields(reader) -> dict:
-    """Decoded metadata of a GGUF file: every scalar, and the length of each array
-    (tokenizer arrays are large and only needed by the tokenizer converter)."""
-    from gguf import GGUFValueType
-
-    fields = {}
-    for key, field in reader.fields.items():
-        if field.types and field.types[0] == GGUFValueType.ARRAY:
-            fields[key] = len(field.data)
-            continue
-        try:
-            fields[key] = field.contents()
-        except Exception:  # an exotic field type we do not need
-            continue
-    return fields
-
-
 class GGUFCheckpoint(Checkpoint):
     kind = "gguf"
 
     def __init__(self, path: Path):
-        import gguf
+        from .gguf_file import GGUFFile
 
         self.path = path
         try:
-            self.reader = gguf.GGUFReader(str(path))
+            self.reader = GGUFFile(path)
         except Exception as err:
             raise CheckpointError(f"{path} is not a readable GGUF file (corrupt or truncated?): {err}") from None
-        fields = read_gguf_fields(self.reader)
+        fields = dict(self.reader.fields)  # scalars, and the length of each array
         self._tensors = {}
         for t in self.reader.tensors:
             hf = gguf_to_hf_name(t.name)
@@ -340,6 +321,12 @@ class GGUFCheckpoint(Checkpoint):
         elif t.tensor_type == Q.BF16:
             raw = np.asarray(t.data).view(np.int16).reshape(shape)
             tensor = torch.from_numpy(raw.copy()).view(torch.bfloat16)
+        elif t.tensor_type == Q.Q8_0:  # the same float32 products as gguf's numpy, on torch's threads
+            with warnings.catch_warnings():  # a read-only memory map, only read from here
+                warnings.simplefilter("ignore", UserWarning)
+                blocks = torch.from_numpy(np.asarray(t.data)).view(-1, 34)
+            scale = blocks[:, :2].contiguous().view(torch.float16).float()
+            tensor = (blocks[:, 2:].contiguous().view(torch.int8).float() * scale).reshape(shape)
         else:
             try:
                 arr = dequantize(t.data, t.tensor_type)

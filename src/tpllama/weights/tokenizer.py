@@ -2,8 +2,11 @@
 
 Two kinds, behind one interface (``Tokenizer``):
 
-- ``HFTokenizer``: a ``tokenizer.json`` through transformers (or a GGUF file's own vocabulary,
-  converted once by transformers and cached as ``tokenizer.json``);
+- ``FastTokenizer``: a ``tokenizer.json`` read by the ``tokenizers`` library itself, with the
+  special tokens and chat template of ``tokenizer_config.json`` (what transformers' fast
+  tokenizers do, without importing transformers: start-up pays tens of milliseconds, not a
+  second and a half). A GGUF file's own vocabulary is converted once by transformers and cached
+  as ``tokenizer.json``;
 - ``SentencePieceTokenizer``: a sentencepiece ``tokenizer.model`` with no ``tokenizer.json``
   beside it (LLaMA-1 and -2 checkpoints such as decapoda-research/llama-13b-hf), read by
   sentencepiece itself: transformers would have to convert it (protobuf, a known class name), and
@@ -71,39 +74,91 @@ class Tokenizer:
             return self.encode(text)
         return self._render_chat(messages, add_generation_prompt)
 
+    def special_strings(self) -> dict[str, str]:
+        """The template's special-token variables (``bos_token``, ``eos_token``, ...)."""
+        return {}
+
+    def _encode_rendered(self, text: str) -> list[int]:
+        """The ids of a rendered chat (its special tokens are in the text already)."""
+        return self.encode(text, add_special_tokens=False)
+
     def _render_chat(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-        raise NotImplementedError
+        return self._encode_rendered(render_chat_template(self.chat_template, messages, add_generation_prompt,
+                                                          self.special_strings()))
 
 
-class HFTokenizer(Tokenizer):
-    """A transformers tokenizer (``tokenizer.json``)."""
+def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool, specials: dict) -> str:
+    """A chat template rendered as transformers renders it (a sandboxed jinja2 environment with
+    trim_blocks, lstrip_blocks, loop controls, ``tojson``, ``raise_exception``, ``strftime_now``)."""
+    import datetime
+    import json as _json
 
-    def __init__(self, hf_tokenizer):
-        self.hf = hf_tokenizer
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return _json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                            tools=None, documents=None, **specials)
+
+
+def _token_string(value) -> str | None:
+    """A special token as tokenizer_config.json spells it: a string or {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+class FastTokenizer(Tokenizer):
+    """A ``tokenizer.json`` read by the ``tokenizers`` library (see the module docstring)."""
+
+    def __init__(self, tokenizer_file: Path, config: dict, chat_template: str | None):
+        import tokenizers
+
+        self.tok = tokenizers.Tokenizer.from_file(str(tokenizer_file))
+        self.specials: dict[str, str] = {}
         for name in ("bos", "eos", "unk", "pad"):
-            value = getattr(hf_tokenizer, f"{name}_token_id", None)
-            setattr(self, f"{name}_id", None if value is None else int(value))
-        self.chat_template = getattr(hf_tokenizer, "chat_template", None)
+            text = _token_string(config.get(f"{name}_token"))
+            tid = self.tok.token_to_id(text) if text is not None else None
+            setattr(self, f"{name}_id", tid)
+            if text is not None:
+                self.specials[f"{name}_token"] = text
+        template = config.get("chat_template")
+        if isinstance(template, list):  # named templates: the default one
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        self.chat_template = chat_template or (template if isinstance(template, str) else None)
+        self.clean_up_spaces = bool(config.get("clean_up_tokenization_spaces", False))
         self._max_chars: int | None = None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        text = self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        if self.clean_up_spaces:  # transformers' clean_up_tokenization
+            for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                         (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+                text = text.replace(a, b)
+        return text
 
     def max_token_chars(self) -> int:
         # vocabulary strings spell byte-level BPE one character per byte, and sentencepiece
         # pieces one character per character: either way no shorter than the text they stand for
         if self._max_chars is None:
-            self._max_chars = max(len(t) for t in self.hf.get_vocab())
+            self._max_chars = max(len(t) for t in self.tok.get_vocab(with_added_tokens=True))
         return self._max_chars
 
-    def _render_chat(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-        out = self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
-        if isinstance(out, dict) or hasattr(out, "keys"):
-            out = out["input_ids"]
-        return list(out)
+    def special_strings(self) -> dict[str, str]:
+        return dict(self.specials)
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -150,23 +205,16 @@ class SentencePieceTokenizer(Tokenizer):
             self._max_chars = max(len(self.sp.id_to_piece(i)) for i in range(self.sp.get_piece_size()))
         return self._max_chars
 
-    def _render_chat(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-        import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message):
-            raise jinja2.exceptions.TemplateError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
+    def special_strings(self) -> dict[str, str]:
         piece = self.sp.id_to_piece
-        text = env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=piece(self.bos_id) if self.bos_id is not None else "",
-            eos_token=piece(self.eos_id) if self.eos_id is not None else "")
+        return {"bos_token": piece(self.bos_id) if self.bos_id is not None else "",
+                "eos_token": piece(self.eos_id) if self.eos_id is not None else ""}
+
+    def _encode_rendered(self, text: str) -> list[int]:
         # the template writes <s>/</s> as text; sentencepiece would spell them out letter by letter
-        ids: list[int] = []
+        piece = self.sp.id_to_piece
         specials = {piece(i): i for i in (self.bos_id, self.eos_id) if i is not None}
+        ids: list[int] = []
         for chunk in _split_keep(text, list(specials)):
             ids.extend([specials[chunk]] if chunk in specials else self.sp.encode(chunk) if chunk else [])
         return ids
@@ -236,19 +284,13 @@ def _read_json(path: Path) -> dict:
 
 def load_tokenizer(directory: Path) -> Tokenizer | None:
     """The tokenizer saved in ``directory``, or None when it holds no tokenizer files."""
+    template_file = directory / "chat_template.jinja"
+    template = template_file.read_text() if template_file.is_file() else None
+    config = {**_read_json(directory / "special_tokens_map.json"), **_read_json(directory / "tokenizer_config.json")}
     if (directory / "tokenizer.json").is_file():
-        _quiet_transformers()
-        from transformers import AutoTokenizer
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-        return HFTokenizer(tok)
+        return FastTokenizer(directory / "tokenizer.json", config, template)
     if (directory / "tokenizer.model").is_file():
-        template_file = directory / "chat_template.jinja"
-        template = template_file.read_text() if template_file.is_file() else None
-        return SentencePieceTokenizer(directory / "tokenizer.model", _read_json(directory / "tokenizer_config.json"),
-                                      template)
+        return SentencePieceTokenizer(directory / "tokenizer.model", config, template)
     return None
 
 
