@@ -100,7 +100,7 @@ def test_stored_form_and_state_dict(scheme):
 @needs_kernels
 @pytest.mark.parametrize("scheme", QUANT_SCHEMES)
 @pytest.mark.parametrize("m", [1, 2, 3, 7, 64])
-@pytest.mark.parametrize("out,kin", [(37, 96), (192, 576), (5, 32), (130, 1024)])
+@pytest.mark.parametrize("out,kin", [(37, 96), (192, 576), (5, 32), (130, 1024), (20, 2048)])
 def test_kernel_matches_fallback(scheme, m, out, kin, monkeypatch):
     mod = quantize_weight(_w(out, kin, seed=m), scheme)
     x = torch.randn(m, kin, generator=torch.Generator().manual_seed(m + 1))
@@ -108,8 +108,8 @@ def test_kernel_matches_fallback(scheme, m, out, kin, monkeypatch):
     ref = _fallback(mod, x, monkeypatch)
     assert y.shape == ref.shape == (m, out) and y.dtype == torch.float32
     w = mod.dequantize()
-    if m <= quant.DECODE_MAX_ROWS:
-        # decode kernel: int8-quantized activations. Tight check against a torch emulation ...
+    if m <= quant.DECODE_MAX_ROWS or mod.integer_prefill:
+        # int8-activation kernel: tight check against a torch emulation ...
         xq = _quantize_act(x)
         emu = F.linear(xq, w)
         tol = 1e-5 * (xq.abs() @ w.abs().t()) + 1e-6
@@ -122,6 +122,34 @@ def test_kernel_matches_fallback(scheme, m, out, kin, monkeypatch):
     else:
         # prefill: dequantize (bit-exact) + float32 matmul
         torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("scheme", QUANT_SCHEMES)
+@pytest.mark.parametrize("out,kin", [(37, 96), (130, 1024), (9, 2048)])
+def test_many_rows_bit_identical_to_one_row_at_a_time(scheme, out, kin):
+    """The GEMM kernels (2 rows x tile for int8, 4 for int4, the rest one by one, activation
+    rows in L2-sized chunks) give exactly what the one-row kernel gives for each row."""
+    mod = quantize_weight(_w(out, kin, seed=kin), scheme)
+    k = kernels.get()
+    x = torch.randn(203, kin, generator=torch.Generator().manual_seed(out))  # odd: every remainder path
+    one_by_one = torch.cat([mod._kernel_matvec(k, x[i:i + 1].contiguous()) for i in range(x.shape[0])])
+    for m in (2, 3, 4, 5, 7, 9, 203):
+        assert torch.equal(mod._kernel_matvec(k, x[:m].contiguous()), one_by_one[:m]), m
+
+
+@needs_kernels
+def test_prefill_path_by_width():
+    """Wide layers prefill through the int8 GEMM, narrow ones and float-activation heads dequantize."""
+    wide, narrow = quantize_weight(_w(8, quant.GEMM_MIN_IN_FEATURES), "int4"), quantize_weight(_w(8, 64), "int8")
+    assert wide.integer_prefill and not narrow.integer_prefill
+    head = quantize_weight(_w(8, quant.GEMM_MIN_IN_FEATURES), "int8")
+    head.float_activations = True
+    assert not head.integer_prefill
+    k = kernels.get()
+    x = torch.randn(40, quant.GEMM_MIN_IN_FEATURES)
+    assert torch.equal(wide(x), wide._kernel_matvec(k, x))
+    assert torch.equal(head(x), head._prefill(k, x))
 
 
 @needs_kernels

@@ -248,6 +248,7 @@ def main(a) -> int:
     import psutil
     import torch
 
+    from .. import kernels
     from ..config import torch_dtype
     from ..engine.engine import CACHE_COLUMNS_STEP
     from ..engine.load import start
@@ -308,7 +309,8 @@ def main(a) -> int:
         local_ranks = ranks_on_this_host(engine.world_size)  # fewer than world_size across hosts
         dev = engine.runner.device
         print(f"tpllama bench: {model_label}, {engine.info['dtype']}, quant {engine.info['quant']}, "
-              f"KV cache {engine.info['kv_cache']}, on {dev}")
+              f"KV cache {engine.info['kv_cache']}, on {dev}"
+              + (f"; CPU kernels: {kernels.isa()}" if dev.type == "cpu" else ""))
         print(f"threads: {engine.world_size} rank(s) x {tpr} thread(s) = {total_threads}"
               + (f"; transformers: 1 process x {total_threads} thread(s)" if a.compare else ""))
         for s in engine.shares:
@@ -416,6 +418,7 @@ def main(a) -> int:
             "hardware": device_name(dev), "cpu_count": os.cpu_count(), "memory_total_bytes": vm.total,
             "memory_available_bytes": vm.available, "loadavg_start": list(loadavg_start), "loadavg_end": list(load_end),
             "torch": torch.__version__, "platform": platform.platform(),
+            "cpu_kernels": kernels.isa() if dev.type == "cpu" else None,
         },
         "layout": layout,
         "memory_check": fit,

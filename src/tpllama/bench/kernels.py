@@ -1,6 +1,11 @@
-"""Micro-benchmark of the decode kernels: one quantized matrix-vector product against a memory
-bandwidth probe run in the same process (``python -m tpllama.bench.kernels OUT IN [int8|int4]
-[threads]``)."""
+"""Micro-benchmarks of the quantized kernels.
+
+- ``python -m tpllama.bench.kernels OUT IN [int8|int4] [threads]``: the decode kernel (one
+  activation row) against a memory bandwidth probe run in the same process;
+- ``python -m tpllama.bench.kernels --gemm int8|int4 OUTxINxM ...``: prefill, the int8 GEMM (many
+  activation rows, integer dot products) against dequantize + torch's float32 matmul, back to back
+  on the same weight and input (best of 3 each).
+"""
 
 from __future__ import annotations
 
@@ -72,10 +77,48 @@ def bench_matvec(out: int, in_: int, scheme: str = "int8", threads: int | None =
         torch.set_num_threads(old_threads)
 
 
+def bench_gemm(out: int, in_: int, m: int, scheme: str = "int8", reps: int = 3) -> dict:
+    """Time ``m`` activation rows through a random [out, in_] quantized weight both ways."""
+    from ..model import quant
+
+    k = kernels.get()
+    if k is None:
+        raise SystemExit("the CPU kernels are not available on this machine")
+    lin = quant.quantize_weight(torch.randn(out, in_) * 0.02, scheme)
+    x = torch.randn(m, in_)
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    with torch.inference_mode():
+        t_int = best(lambda: lin._kernel_matvec(k, x))
+        t_float = best(lambda: lin._prefill(k, x))
+        y_int, y_float = lin._kernel_matvec(k, x), lin._prefill(k, x)
+    macs = out * in_ * m
+    return {"out": out, "in": in_, "m": m, "scheme": scheme, "threads": torch.get_num_threads(),
+            "isa": kernels.isa(), "int8_gemm_ms": t_int * 1e3, "dequant_sgemm_ms": t_float * 1e3,
+            "int8_gemm_gmacs": macs / t_int / 1e9, "dequant_sgemm_gmacs": macs / t_float / 1e9,
+            "speedup": t_float / t_int, "rel_diff": float((y_int - y_float).norm() / y_float.norm())}
+
+
 if __name__ == "__main__":
     import json
     import sys
 
+    if sys.argv[1:2] == ["--gemm"]:
+        print(f"{'scheme':6} {'out x in':>12} {'M':>5} {'int8 GEMM':>19} {'dequant + sgemm':>19} {'speedup':>8}")
+        for shape in sys.argv[3:]:
+            o, i, mm = (int(v) for v in shape.split("x"))
+            r = bench_gemm(o, i, mm, sys.argv[2])
+            print(f"{r['scheme']:6} {o:>5} x {i:<5} {mm:>5} {r['int8_gemm_ms']:7.1f} ms {r['int8_gemm_gmacs']:5.1f} GMAC/s "
+                  f"{r['dequant_sgemm_ms']:7.1f} ms {r['dequant_sgemm_gmacs']:5.1f} GMAC/s {r['speedup']:7.2f}x", flush=True)
+        sys.exit(0)
     out, in_ = int(sys.argv[1]), int(sys.argv[2])
     scheme = sys.argv[3] if len(sys.argv) > 3 else "int8"
     threads = int(sys.argv[4]) if len(sys.argv) > 4 else None

@@ -11,8 +11,8 @@ Two extensions are built from the sources next to this file, on first use, with
 - the TCP collectives of ranks on different hosts (``tcp_collectives.cpp``, used by
   ``tpllama.parallel.tcp``; ``tcp_collectives()``).
 
-Each goes to ``$TPLLAMA_CACHE/ext/<name>-<hash of sources, flags, torch and Python version>``, so
-it is rebuilt only when one of those changes; concurrent builds from several processes are
+Each goes to ``$TPLLAMA_CACHE/ext/<name>-<hash of sources, flags, torch and Python version, source
+directory>``, so it is rebuilt only when one of those changes; concurrent builds from several processes are
 serialized with a lock file. ``get()``/``collectives()`` return the module, or None when it cannot
 be used (wrong CPU or OS, no compiler, a build failure: one logged warning) or is switched off
 (``TPLLAMA_NO_KERNELS=1`` / ``TPLLAMA_NO_SHM=1``, read at every call); callers then use the
@@ -39,12 +39,31 @@ import torch
 
 from .. import env
 
-__all__ = ["available", "get", "collectives", "tcp_collectives", "build", "cpu_supported"]
+__all__ = ["available", "get", "collectives", "tcp_collectives", "build", "cpu_supported", "cpu_features", "isa"]
 
 log = logging.getLogger(__name__)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
+
+
+# CPU features the kernels use, and those a faster path could use (reported, not used yet)
+KERNEL_FEATURES = ("avx2", "fma", "f16c")
+WIDER_FEATURES = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx_vnni")
+
+
+def cpu_features() -> set[str]:
+    """The flags of /proc/cpuinfo among KERNEL_FEATURES and WIDER_FEATURES (empty elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split()) & set(KERNEL_FEATURES + WIDER_FEATURES)
+    except OSError:
+        pass
+    return set()
 
 
 def cpu_supported() -> tuple[bool, str]:
@@ -58,17 +77,19 @@ def cpu_supported() -> tuple[bool, str]:
     if cap not in ("AVX2", "AVX512"):
         return False, f"CPU lacks AVX2/FMA (torch reports capability {cap!r})"
     if sys.platform.startswith("linux"):
-        try:
-            with open("/proc/cpuinfo") as f:
-                for line in f:
-                    if line.startswith("flags"):
-                        missing = {"avx2", "fma", "f16c"} - set(line.split(":", 1)[1].split())
-                        if missing:
-                            return False, f"CPU lacks {sorted(missing)}"
-                        break
-        except OSError:
-            pass
+        missing = set(KERNEL_FEATURES) - cpu_features()
+        if missing:
+            return False, f"CPU lacks {sorted(missing)}"
     return True, ""
+
+
+def isa() -> str:
+    """Which compute kernel path runs in this process, for benchmark reports: e.g. ``avx2+fma+f16c
+    (CPU also has avx512f, avx512_vnni: no kernels for them yet)`` or ``none (PyTorch fallback)``."""
+    if get() is None:
+        return "none (PyTorch fallback)"
+    wider = [f for f in WIDER_FEATURES if f in cpu_features()]
+    return "+".join(KERNEL_FEATURES) + (f" (CPU also has {', '.join(wider)}: no kernels for them yet)" if wider else "")
 
 
 @contextlib.contextmanager
@@ -95,7 +116,9 @@ def build(name: str, sources: list[str], includes: list[str], cflags: list[str],
     for f in list(sources) + list(includes):
         with open(os.path.join(HERE, f), "rb") as fh:
             h.update(fh.read())
-    for part in (name, torch.__version__, " ".join(list(cflags) + list(ldflags)), sys.version):
+    # HERE too: torch's build files name the sources by absolute path, so two checkouts sharing a
+    # cache would otherwise rebuild each other's extension at every switch
+    for part in (name, torch.__version__, " ".join(list(cflags) + list(ldflags)), sys.version, HERE):
         h.update(part.encode())
     digest = h.hexdigest()[:16]
     bdir = os.path.join(str(env.cache_dir()), "ext", f"{name}-{digest}")

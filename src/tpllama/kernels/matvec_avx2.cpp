@@ -138,15 +138,21 @@ QAct quantize_act(const float* x, int64_t M, int64_t K) {
   a.q.resize(M * K);
   a.d4.resize(M * nb * RT);
   a.s4.resize(M * nb * RT);
-  std::vector<float> d(nb), s(nb);
-  for (int64_t m = 0; m < M; ++m) {
-    quantize_row(x + m * K, K, a.q.data() + m * K, d.data(), s.data());
-    for (int64_t b = 0; b < nb; ++b)
-      for (int r = 0; r < RT; ++r) {
-        a.d4[(m * nb + b) * RT + r] = d[b];
-        a.s4[(m * nb + b) * RT + r] = s[b];
-      }
-  }
+  auto rows = [&](int64_t m0, int64_t m1) {
+    std::vector<float> d(nb), s(nb);
+    for (int64_t m = m0; m < m1; ++m) {
+      quantize_row(x + m * K, K, a.q.data() + m * K, d.data(), s.data());
+      for (int64_t b = 0; b < nb; ++b)
+        for (int r = 0; r < RT; ++r) {
+          a.d4[(m * nb + b) * RT + r] = d[b];
+          a.s4[(m * nb + b) * RT + r] = s[b];
+        }
+    }
+  };
+  if (M * K >= (1 << 16))
+    at::parallel_for(0, M, 8, rows);  // prefill: both threads quantize
+  else
+    rows(0, M);
   return a;
 }
 
@@ -275,24 +281,121 @@ void check_x(const torch::Tensor& x, int64_t K) {
   TORCH_CHECK(x.is_contiguous(), "x must be contiguous");
 }
 
+// ---- several activation rows at once (batched decode and prefill: an int8 GEMM) ----
+// One tile (4 weight rows) against 2 activation rows: the weight loads and |w| are shared by
+// both rows. Each (row, activation row) pair sums its blocks in the same order as q8_tile, so
+// the results are bit-identical to two calls of q8_tile.
+template <typename ST>
+inline void q8_tile_x2(const int8_t* W, int64_t nb, const int8_t* qa0, const int8_t* qa1, const float* c0,
+                       const float* c1, float* y0, float* y1) {
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  __m256 a00 = _mm256_setzero_ps(), a10 = _mm256_setzero_ps(), a20 = _mm256_setzero_ps(), a30 = _mm256_setzero_ps();
+  __m256 a01 = _mm256_setzero_ps(), a11 = _mm256_setzero_ps(), a21 = _mm256_setzero_ps(), a31 = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const int8_t* w = W + b * (RT * QK);
+    pf(w + PF_BYTES);
+    pf(w + PF_BYTES + 64);
+    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qa0 + b * QK));
+    const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qa1 + b * QK));
+    const float* s0 = c0 + b * RT;
+    const float* s1 = c1 + b * RT;
+#define TPL_Q8_ROW(r, acc0, acc1)                                                                          \
+  {                                                                                                        \
+    const __m256i wr = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (r) * QK));                \
+    const __m256i uw = _mm256_sign_epi8(wr, wr);                                                           \
+    acc0 = _mm256_fmadd_ps(                                                                                \
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(uw, _mm256_sign_epi8(x0, wr)), ones16)), \
+        _mm256_broadcast_ss(s0 + (r)), acc0);                                                              \
+    acc1 = _mm256_fmadd_ps(                                                                                \
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(uw, _mm256_sign_epi8(x1, wr)), ones16)), \
+        _mm256_broadcast_ss(s1 + (r)), acc1);                                                              \
+  }
+    TPL_Q8_ROW(0, a00, a01)
+    TPL_Q8_ROW(1, a10, a11)
+    TPL_Q8_ROW(2, a20, a21)
+    TPL_Q8_ROW(3, a30, a31)
+#undef TPL_Q8_ROW
+  }
+  y0[0] = hsum_ps(a00); y0[1] = hsum_ps(a10); y0[2] = hsum_ps(a20); y0[3] = hsum_ps(a30);
+  y1[0] = hsum_ps(a01); y1[1] = hsum_ps(a11); y1[2] = hsum_ps(a21); y1[3] = hsum_ps(a31);
+}
+
+// Activation rows are taken in chunks that fit in L2 (ACT_CHUNK_BYTES of int8), and within a
+// chunk every tile of the thread's share meets every row while the tile is in L1/L2.
+constexpr int64_t ACT_CHUNK_BYTES = 192 << 10;
+inline int64_t act_chunk_rows(int64_t K) { return std::max<int64_t>(2, (ACT_CHUNK_BYTES / std::max<int64_t>(K, 1)) & ~1); }
+
 template <typename ST>
 void q8_matvec_impl(const float* x, int64_t M, int64_t nb, const int8_t* W, const ST* S, int64_t T, int64_t N,
                     float* y) {
   const int64_t K = nb * QK;
   QAct a = quantize_act(x, M, K);
+  const int64_t MC = act_chunk_rows(K);
   at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> c(RT * nb);
-    float out[RT];
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t * RT;
-      const int64_t R = std::min<int64_t>(RT, N - n0);
-      for (int64_t m = 0; m < M; ++m) {
-        q8_tile(W + t * nb * RT * QK, S + t * nb * RT, nb, a.q.data() + m * K, a.d4.data() + m * nb * RT,
-                c.data(), out);
-        for (int64_t r = 0; r < R; ++r) y[m * N + n0 + r] = out[r];
+    std::vector<float> c(RT * nb), c1(RT * nb);
+    float out[RT], out1[RT];
+    for (int64_t mc = 0; mc < M; mc += MC) {
+      const int64_t me = std::min(M, mc + MC);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n0 = t * RT;
+        const int64_t R = std::min<int64_t>(RT, N - n0);
+        const int8_t* Wt = W + t * nb * RT * QK;
+        const ST* St = S + t * nb * RT;
+        int64_t m = mc;
+        for (; m + 2 <= me; m += 2) {
+          combine_scales(St, nb * RT, a.d4.data() + m * nb * RT, c.data());
+          combine_scales(St, nb * RT, a.d4.data() + (m + 1) * nb * RT, c1.data());
+          q8_tile_x2<ST>(Wt, nb, a.q.data() + m * K, a.q.data() + (m + 1) * K, c.data(), c1.data(), out, out1);
+          for (int64_t r = 0; r < R; ++r) {
+            y[m * N + n0 + r] = out[r];
+            y[(m + 1) * N + n0 + r] = out1[r];
+          }
+        }
+        for (; m < me; ++m) {
+          q8_tile(Wt, St, nb, a.q.data() + m * K, a.d4.data() + m * nb * RT, c.data(), out);
+          for (int64_t r = 0; r < R; ++r) y[m * N + n0 + r] = out[r];
+        }
       }
     }
   });
+}
+
+// int4: one tile against 4 activation rows; the nibbles are unpacked once per block for all
+// four. Same per-pair summation order and scale lanes as q4_tile (bit-identical results).
+// c[j]: the combined scales (combine_scales) of activation row j, 4 per block.
+inline void q4_tile_x4(const uint8_t* W, int64_t nb, const int8_t* const* qa, const float* const* c, __m256* acc) {
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i sel01 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+  const __m256i sel23 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
+  constexpr int64_t QB = QK / 2;
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* w = W + b * (RT * QB);
+    pf(w + PF_BYTES_Q4);
+    const __m256i v01 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+    const __m256i v23 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2 * QB));
+    const __m256i l01 = _mm256_and_si256(v01, low4), h01 = _mm256_and_si256(_mm256_srli_epi16(v01, 4), low4);
+    const __m256i l23 = _mm256_and_si256(v23, low4), h23 = _mm256_and_si256(_mm256_srli_epi16(v23, 4), low4);
+#define TPL_Q4_ROW(j)                                                                                             \
+  {                                                                                                               \
+    const __m256i alo =                                                                                           \
+        _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qa[j] + b * QK)));          \
+    const __m256i ahi =                                                                                           \
+        _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qa[j] + b * QK + 16)));     \
+    const __m256 cb = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(c[j] + b * RT));                        \
+    const __m256i p01 = _mm256_add_epi16(_mm256_maddubs_epi16(l01, alo), _mm256_maddubs_epi16(h01, ahi));         \
+    const __m256i p23 = _mm256_add_epi16(_mm256_maddubs_epi16(l23, alo), _mm256_maddubs_epi16(h23, ahi));         \
+    acc[2 * (j)] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p01, ones16)),                            \
+                                   _mm256_permutevar_ps(cb, sel01), acc[2 * (j)]);                                \
+    acc[2 * (j) + 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p23, ones16)),                        \
+                                       _mm256_permutevar_ps(cb, sel23), acc[2 * (j) + 1]);                        \
+  }
+    TPL_Q4_ROW(0)
+    TPL_Q4_ROW(1)
+    TPL_Q4_ROW(2)
+    TPL_Q4_ROW(3)
+#undef TPL_Q4_ROW
+  }
 }
 
 template <typename ST>
@@ -300,16 +403,44 @@ void q4_matvec_impl(const float* x, int64_t M, int64_t nb, const uint8_t* W, con
                     int64_t N, float* y) {
   const int64_t K = nb * QK;
   QAct a = quantize_act(x, M, K);
+  const int64_t MC = act_chunk_rows(K);
   at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> c(RT * nb);
+    std::vector<float> c(RT * nb), c4(4 * RT * nb);
     float out[RT];
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t * RT;
-      const int64_t R = std::min<int64_t>(RT, N - n0);
-      for (int64_t m = 0; m < M; ++m) {
-        q4_tile(W + t * nb * RT * (QK / 2), S + t * nb * RT, Mn + t * nb * RT, nb, a.q.data() + m * K,
-                a.d4.data() + m * nb * RT, a.s4.data() + m * nb * RT, c.data(), out);
-        for (int64_t r = 0; r < R; ++r) y[m * N + n0 + r] = out[r];
+    for (int64_t mc = 0; mc < M; mc += MC) {
+      const int64_t me = std::min(M, mc + MC);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n0 = t * RT;
+        const int64_t R = std::min<int64_t>(RT, N - n0);
+        const uint8_t* Wt = W + t * nb * RT * (QK / 2);
+        const ST* St = S + t * nb * RT;
+        const ST* Mt = Mn + t * nb * RT;
+        int64_t m = mc;
+        for (; m + 4 <= me; m += 4) {
+          const int8_t* qa[4];
+          const float* cs[4];
+          for (int j = 0; j < 4; ++j) {
+            qa[j] = a.q.data() + (m + j) * K;
+            cs[j] = c4.data() + j * RT * nb;
+            combine_scales(St, nb * RT, a.d4.data() + (m + j) * nb * RT, c4.data() + j * RT * nb);
+          }
+          __m256 acc[8];
+          for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+          q4_tile_x4(Wt, nb, qa, cs, acc);
+          for (int j = 0; j < 4; ++j) {
+            out[0] = hsum128(_mm256_castps256_ps128(acc[2 * j]));
+            out[1] = hsum128(_mm256_extractf128_ps(acc[2 * j], 1));
+            out[2] = hsum128(_mm256_castps256_ps128(acc[2 * j + 1]));
+            out[3] = hsum128(_mm256_extractf128_ps(acc[2 * j + 1], 1));
+            dot_mins4(Mt, nb * RT, a.s4.data() + (m + j) * nb * RT, out);
+            for (int64_t r = 0; r < R; ++r) y[(m + j) * N + n0 + r] = out[r];
+          }
+        }
+        for (; m < me; ++m) {
+          q4_tile(Wt, St, Mt, nb, a.q.data() + m * K, a.d4.data() + m * nb * RT, a.s4.data() + m * nb * RT,
+                  c.data(), out);
+          for (int64_t r = 0; r < R; ++r) y[m * N + n0 + r] = out[r];
+        }
       }
     }
   });

@@ -28,11 +28,14 @@ tiles of 4 per 32-block (buffers ``qpack``/``spack``/``mpack``, not persistent, 
 last tile) so that the matrix-vector kernel reads one linear stream. ``state_dict()`` and
 ``stored_tensors()`` unpack on the fly (a copy), and ``load_state_dict`` accepts the stored form.
 
-``forward`` runs on any device. On CPU with the AVX2 kernels (``tpllama.kernels``) and at most
-``DECODE_MAX_ROWS`` activation rows it uses the int8-activation matrix-vector kernel; with more
-rows it dequantizes (in row tiles) to float32 and uses torch's matmul. Everywhere else (CUDA,
-no kernels, ``TPLLAMA_NO_KERNELS=1``) it uses the pure-PyTorch reference: ``F.linear(x,
-dequantize())``. Computation is float32; the result has the dtype of ``x``.
+``forward`` runs on any device. On CPU with the AVX2 kernels (``tpllama.kernels``) it quantizes
+the activations to int8 per row and 32-block and multiplies them with the int8/int4 weights in
+integers: always for at most ``DECODE_MAX_ROWS`` rows (decode), and for more rows (prefill: an
+int8 GEMM, several activation rows per weight tile) when ``in_features >= GEMM_MIN_IN_FEATURES``.
+Narrower layers, and layers whose activations must stay float (``float_activations``: the
+lm_head), dequantize the weight (in row tiles) to float32 for torch's matmul when prefilling.
+Everywhere else (CUDA, no kernels, ``TPLLAMA_NO_KERNELS=1``) it uses the pure-PyTorch reference:
+``F.linear(x, dequantize())``. Computation is float32; the result has the dtype of ``x``.
 """
 
 from __future__ import annotations
@@ -48,14 +51,20 @@ from ..config import QUANT_SCHEMES
 
 __all__ = [
     "QUANT_SCHEMES", "BLOCK", "QuantLinear", "Int8Linear", "Int4Linear", "quantize_weight",
-    "from_gguf_blocks", "cat_rows", "stored_names", "DECODE_MAX_ROWS",
+    "from_gguf_blocks", "cat_rows", "stored_names", "DECODE_MAX_ROWS", "GEMM_MIN_IN_FEATURES",
 ]
 
 BLOCK = 32
 
-# Activation row counts up to this use the int8-activation decode kernel; above it the
-# dequantize + float32 matmul path (on this AVX2 box the kernel still won at M=16-32).
+# Activation row counts up to this always use the int8-activation kernel (on this AVX2 box it
+# won over dequantize + float32 matmul at M=16-32 for every shape).
 DECODE_MAX_ROWS = 16
+# Above DECODE_MAX_ROWS, layers at least this wide use the int8-activation kernel too. Measured
+# on Zen 3 (2 threads, python -m tpllama.bench.kernels --gemm ...): int8 1.2-3.0x and int4
+# 1.2-2.7x faster than dequantize + sgemm for in_features 2048-6912 at M = 128 (LLaMA-13B and
+# TinyLlama shapes), 1.0-1.1x at 1536, 0.8-1.0x at 576. SmolLM2 (576 and 1536 wide) keeps the
+# float prefill: nothing to gain there, and its greedy answers stay what they were.
+GEMM_MIN_IN_FEATURES = 2048
 # Prefill path: dequantize at most this many float32 bytes of weight at a time.
 PREFILL_TILE_BYTES = 32 << 20
 
@@ -252,11 +261,20 @@ class QuantLinear(torch.nn.Module):
         x2 = x.reshape(-1, kin).to(torch.float32)
         if k is None or not self.qpack.is_cpu:
             y = F.linear(x2, self.dequantize().to(x2.device))
-        elif x2.shape[0] <= DECODE_MAX_ROWS:
+        elif x2.shape[0] <= DECODE_MAX_ROWS or self.integer_prefill:
             y = self._kernel_matvec(k, x2.contiguous())
         else:
             y = self._prefill(k, x2.contiguous())
         return y.to(out_dtype).reshape(*lead, self.out_features)
+
+    # True on layers whose activations must not be rounded to int8 (the lm_head): the decode
+    # kernel then multiplies the int8 weights with the float32 activations.
+    float_activations = False
+
+    @property
+    def integer_prefill(self) -> bool:
+        """Whether many activation rows go through the int8 GEMM rather than dequantize + sgemm."""
+        return not self.float_activations and self.in_features >= GEMM_MIN_IN_FEATURES
 
     def _prefill(self, k, xf: torch.Tensor) -> torch.Tensor:
         n, kin = self.out_features, self.in_features
@@ -311,10 +329,6 @@ class Int8Linear(QuantLinear):
         tiles, nb = q.shape[0], q.shape[1]
         w = q.to(torch.float32) * s.to(torch.float32).unsqueeze(-1)  # [tiles, nb, 4, 32]
         return w.permute(0, 2, 1, 3).reshape(tiles * TILE, nb * BLOCK)
-
-    # True on layers whose activations must not be rounded to int8 (the lm_head): the decode
-    # kernel then multiplies the int8 weights with the float32 activations.
-    float_activations = False
 
     def _kernel_matvec(self, k, x):
         b = self._buffers
