@@ -16,9 +16,15 @@ EXIT_RANK_FAILURE = 1
 
 
 def open_engine(a: argparse.Namespace, progress: bool = True, **extra):
+    """The engine of a command's flags. Ranks 1..N-1 are started first, so that they import
+    torch while this process does (``parallel.early``)."""
+    from .parallel.early import EarlyWorkers
+
+    cfg = engine_config(a, progress=progress, **extra)
+    early = EarlyWorkers.for_config(cfg)  # should this process fail first, they see their stdin close and exit
     from .engine.load import start
 
-    return start(engine_config(a, progress=progress, **extra))
+    return start(cfg, early)
 
 
 # ---------------------------------------------------------------------- cut

@@ -19,6 +19,7 @@ import torch
 from ..config import DEFAULT_TIMEOUT_S, EngineConfig, torch_dtype
 from ..env import torchrun_env
 from ..parallel.comm import Communicator, RankFailure
+from ..parallel.early import EarlyWorkers
 from ..parallel.launch import check_device, launch, threads_per_rank
 from ..parallel.probe import measured_shares
 from ..weights.checkpoint import CheckpointError
@@ -65,15 +66,20 @@ def load(
     return start(cfg.validate())
 
 
-def start(cfg: EngineConfig) -> Engine:
-    """See the module docstring. ``cfg`` is validated."""
-    check_device(cfg.device, cfg.world_size)
-    torchrun = torchrun_env() is not None
-    if cfg.shares == "auto" and not torchrun:  # every rank on this host: the same speed
-        cfg = dataclasses.replace(cfg, shares=None)
-    if not torchrun:  # before any rank starts: bad input is reported here, not as a rank failure
-        cfg = with_parts(cfg)
-    comm, workers = launch(cfg)
+def start(cfg: EngineConfig, early: EarlyWorkers | None = None) -> Engine:
+    """See the module docstring. ``cfg`` is validated. ``early``: ranks 1..N-1 the command already
+    started (``parallel.early``); they are used if ``cfg`` turns out to need them, else stopped."""
+    try:
+        check_device(cfg.device, cfg.world_size)
+        torchrun = torchrun_env() is not None
+        if cfg.shares == "auto" and not torchrun:  # every rank on this host: the same speed
+            cfg = dataclasses.replace(cfg, shares=None)
+        if not torchrun:  # before any rank starts: bad input is reported here, not as a rank failure
+            cfg = with_parts(cfg)
+        comm, workers = launch(cfg, early)
+    finally:
+        if early is not None:
+            early.close()  # the ones launch did not take
     if torchrun:  # rank 0 cuts (once, into the cache); the others wait for it, then get their parts
         if cfg.shares == "auto":  # every host measures itself; the split follows
             cfg = dataclasses.replace(cfg, shares=measured_shares(comm, threads_per_rank(cfg)))

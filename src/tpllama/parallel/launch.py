@@ -29,17 +29,12 @@ import torch
 from .. import env
 from ..config import EngineConfig
 from .comm import Communicator, RankFailure
+from .early import EarlyWorkers, hand_port, ranks_on_this_host, spawn_workers, threads_for
 
 IDLE_TIMEOUT = datetime.timedelta(days=7)
 LOOPBACK = "127.0.0.1"
 LOOPBACK_INTERFACE = "lo"  # Linux's name for it
 CONFIG_KEY = "tpllama/config"  # where spawned ranks find the engine's config in the store
-
-
-def ranks_on_this_host(world_size: int) -> int:
-    """How many of the ``world_size`` ranks run on this host (torchrun says; else all of them)."""
-    tr = env.torchrun_env()
-    return tr.local_world_size if tr is not None else world_size
 
 
 def check_device(device: str | None, world_size: int) -> None:
@@ -78,18 +73,14 @@ def pick_device(device: str | None, local_rank: int) -> torch.device:
 
 
 def threads_per_rank(cfg: EngineConfig) -> int:
-    """``cfg.threads``, else the cores this process may run on shared among this host's ranks
-    (the affinity mask, not the machine's core count: a process pinned to one core must not
-    start two threads that spin against each other)."""
-    import os
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return cfg.threads or max(1, cores // ranks_on_this_host(cfg.world_size))
+    """Torch threads of each rank on this host (``early.threads_for``)."""
+    return threads_for(cfg.threads, cfg.world_size)
 
 
 # ---------------------------------------------------------------------- the one launch path
-def launch(cfg: EngineConfig) -> tuple[Communicator, "Workers | None"]:
-    """This process's communicator (see the module docstring), and the workers it started."""
+def launch(cfg: EngineConfig, early: EarlyWorkers | None = None) -> tuple[Communicator, "Workers | None"]:
+    """This process's communicator (see the module docstring), and the workers it started
+    (``early``: workers the command started before importing torch, used if they fit ``cfg``)."""
     torch.set_num_threads(threads_per_rank(cfg))
     torch.manual_seed(0)  # the same seed in every process
     tr = env.torchrun_env()
@@ -99,7 +90,7 @@ def launch(cfg: EngineConfig) -> tuple[Communicator, "Workers | None"]:
         return join(tr.rank, cfg, tr.local_rank), None
     if cfg.world_size == 1:
         return Communicator.single(pick_device(cfg.device, 0), cfg.timeout_s), None
-    workers = Workers(cfg)
+    workers = Workers(cfg, early)
     try:
         comm = join(0, cfg, 0, store=workers.store)
     except Exception as err:
@@ -314,24 +305,17 @@ class Workers:
     rank 0 at ``store`` (loopback only), where they also find ``cfg``; their gloo sockets listen
     on the loopback only."""
 
-    def __init__(self, cfg: EngineConfig):
-        import os
-
+    def __init__(self, cfg: EngineConfig, early: EarlyWorkers | None = None):
         self.world_size = cfg.world_size
         self.on_failure = None  # called from the watchdog thread when a worker dies
         self.store = LocalStore(cfg.world_size, cfg.timeout_s)
         self.store.store.set(CONFIG_KEY, cfg.to_json())
         self.failure: str | None = None
         self._closing = False
-        # torch's env:// variables: where the store is and which rank each child is
-        base = dict(os.environ, MASTER_ADDR=LOOPBACK, MASTER_PORT=str(self.store.port), WORLD_SIZE=str(cfg.world_size),
-                    LOCAL_WORLD_SIZE=str(cfg.world_size), OMP_NUM_THREADS=str(threads_per_rank(cfg)))
-        base.pop("TORCHELASTIC_RUN_ID", None)
-        self.procs: list[subprocess.Popen] = [
-            subprocess.Popen([sys.executable, "-m", "tpllama.parallel.worker"],
-                             env=dict(base, RANK=str(rank), LOCAL_RANK=str(rank)))
-            for rank in range(1, cfg.world_size)
-        ]
+        threads = threads_per_rank(cfg)
+        procs = early.take(cfg.world_size, threads) if early is not None else None
+        self.procs: list[subprocess.Popen] = procs if procs is not None else spawn_workers(cfg.world_size, threads)
+        hand_port(self.procs, self.store.port)
         self._watch = threading.Thread(target=self._watchdog, name="tpllama-watchdog", daemon=True)
         self._watch.start()
 

@@ -14,11 +14,13 @@ import contextlib
 import hmac
 import json
 import logging
+import os
 import signal
 import sys
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import uvicorn
@@ -27,7 +29,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..config import EngineConfig
 from ..engine.sequence import SamplingParams
+from ..parallel.early import EarlyWorkers
 from ..parallel.comm import RankFailure
 from .bridge import EngineLoop, Job, QueueFull
 from .protocol import (APIError, ChatRequest, CompletionRequest, Detokenizer, Output, RequestBody, bad,
@@ -38,11 +42,18 @@ log = logging.getLogger("tpllama.server")
 
 MAX_BODY = 4 << 20  # bytes
 TOKENIZE_CONCURRENCY = 2  # requests tokenized at once, off the event loop
+TOKENIZE_NICENESS = 10  # tokenizing threads yield the CPU to the event loop (and to the ranks)
 MAX_LOGPROBS = 5
 FAILURE_GRACE_S = 2.0  # after a rank failure: keep answering (503) this long, then exit
 
 
 # ---------------------------------------------------------------------- the app
+def _lower_thread_priority() -> None:
+    """Make the calling thread (not the process) nicer, where the OS allows it (Linux)."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), TOKENIZE_NICENESS)
+
+
 class State:
     def __init__(self, engine, loop: EngineLoop, model_name: str, api_key: str | None):
         self.engine = engine
@@ -56,7 +67,8 @@ class State:
         self.detok = Detokenizer(engine.tokenizer)
         # text longer than this cannot fit in the context whatever it says (checked before tokenizing)
         self.max_text_chars = self.cache_len * self.tok.max_token_chars() if self.tok is not None else 0
-        self.tokenizing = asyncio.Semaphore(TOKENIZE_CONCURRENCY)
+        self.tokenizing = ThreadPoolExecutor(TOKENIZE_CONCURRENCY, thread_name_prefix="tpllama-tokenize",
+                                             initializer=_lower_thread_priority)
 
     # ------------------------------------------------------------------ helpers
     def check_model(self, name: str) -> None:
@@ -122,10 +134,10 @@ class State:
                       f"{self.max_text_chars // self.cache_len} characters)", param, "context_length_exceeded")
 
     async def off_loop(self, fn, *args):
-        """Run ``fn(*args)`` (tokenizing, rendering a chat template) on a worker thread, at most
-        TOKENIZE_CONCURRENCY at a time, so that long texts never stall the event loop."""
-        async with self.tokenizing:
-            return await asyncio.to_thread(fn, *args)
+        """Run ``fn(*args)`` (tokenizing, rendering a chat template) on one of TOKENIZE_CONCURRENCY
+        low-priority threads, so that long texts never stall the event loop, even on a busy 2-core
+        machine."""
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizing, fn, *args)
 
     def check_ids(self, ids: list[int], param: str) -> None:
         if not ids:
@@ -523,12 +535,12 @@ class _Server(uvicorn.Server):
             print(banner, flush=True)
 
 
-def run_server(a: argparse.Namespace) -> int:
-    """Load the engine and serve until SIGINT/SIGTERM or a rank failure (flags: ``serve.cli``)."""
+def run_server(a: argparse.Namespace, cfg: EngineConfig, early: EarlyWorkers | None = None) -> int:
+    """Load the engine of ``cfg`` and serve until SIGINT/SIGTERM or a rank failure (flags:
+    ``serve.cli``; ``early``: its ranks 1..N-1, started already)."""
     from ..engine.load import start
-    from ..flags import engine_config
 
-    engine = start(engine_config(a, max_batch=a.max_batch, max_seq_len=a.max_seq_len or 4096))
+    engine = start(cfg, early)
     try:
         name = a.served_model_name or _default_name(engine)
         server_box: list[_Server] = []
@@ -553,6 +565,7 @@ def run_server(a: argparse.Namespace) -> int:
         server_box.append(server)
         loop.start()
         server.run()
+        st.tokenizing.shutdown(wait=False, cancel_futures=True)
         log.info("http server stopped")
         loop.stop()
         log.info("engine loop stopped")

@@ -28,6 +28,11 @@ def main(a: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {lo}, got {v}")
     if a.max_seq_len is not None and a.max_seq_len < 2:
         raise ValueError(f"--max-seq-len must be >= 2, got {a.max_seq_len}")
+    from ..flags import engine_config
+    from ..parallel.early import EarlyWorkers
+
+    cfg = engine_config(a, max_batch=a.max_batch, max_seq_len=a.max_seq_len or 4096)
+    early = EarlyWorkers.for_config(cfg)  # they import torch while this process imports the web stack
     from .app import run_server
 
-    return run_server(a)
+    return run_server(a, cfg, early)

@@ -140,7 +140,9 @@ class FastTokenizer(Tokenizer):
         self._max_chars: int | None = None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL while it works (encode holds it: 0.12 s per 300 000
+        # characters during which a server's event loop could not run); same ids
+        return self.tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         text = self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
