@@ -5,8 +5,9 @@
 - under torchrun (or any env:// launcher) the process joins the ranks torchrun started;
 - with world size 1 it is the one rank (``Communicator.single``: no process group at all);
 - otherwise this process is rank 0 and starts ranks 1..N-1 as child processes
-  (``python -m tpllama.parallel.worker``). They meet rank 0 at a TCPStore listening on the
-  loopback only, read the engine's config from it, and die with their parent
+  (``python -m tpllama.parallel.worker``, ``parallel.early``: the tpllama command starts them
+  before it imports torch). They meet rank 0 at a TCPStore listening on the loopback only, whose
+  port rank 0 writes to their stdin, read the engine's config from it, and die with their parent
   (PR_SET_PDEATHSIG); a watchdog thread in rank 0 notices a worker that exits and ends every
   rank, so a collective blocked on the dead rank fails at once instead of waiting for the timeout.
 
@@ -29,10 +30,9 @@ import torch
 from .. import env
 from ..config import EngineConfig
 from .comm import Communicator, RankFailure
-from .early import EarlyWorkers, hand_port, ranks_on_this_host, spawn_workers, threads_for
+from .early import LOOPBACK, EarlyWorkers, hand_port, ranks_on_this_host, spawn_workers, threads_for
 
 IDLE_TIMEOUT = datetime.timedelta(days=7)
-LOOPBACK = "127.0.0.1"
 LOOPBACK_INTERFACE = "lo"  # Linux's name for it
 CONFIG_KEY = "tpllama/config"  # where spawned ranks find the engine's config in the store
 
