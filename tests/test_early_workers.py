@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -78,3 +79,18 @@ def test_workers_that_fit_are_handed_over():
         for p in procs or []:
             p.kill()
             p.wait(timeout=10)
+
+
+def test_a_worker_leaves_ctrl_c_to_rank_0():
+    """SIGINT (a terminal's Ctrl-C reaches the whole process group) does not end a worker: rank 0
+    decides; closing its stdin does."""
+    early = EarlyWorkers(2, 1)
+    procs = list(early.procs)
+    try:
+        time.sleep(3)  # past its first lines
+        procs[0].send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        assert procs[0].poll() is None
+    finally:
+        early.close()
+    assert _gone_within(procs, 10)

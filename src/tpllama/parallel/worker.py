@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import sys
 
 
@@ -17,6 +18,10 @@ def main() -> int:
     from .. import env
     from .launch import Workers, join, set_parent_death_signal, threads_per_rank
 
+    # Ctrl-C in a terminal reaches every process of the foreground group: rank 0 decides what it
+    # means and ends this rank (it tells it to stop, or this rank dies with it), without a
+    # KeyboardInterrupt traceback from here
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     set_parent_death_signal()
     import torch
 
