@@ -18,7 +18,8 @@ be used (wrong CPU or OS, no compiler, a build failure: one logged warning) or i
 (``TPLLAMA_NO_KERNELS=1`` / ``TPLLAMA_NO_SHM=1``, read at every call); callers then use the
 PyTorch (or gloo) fallbacks.
 
-Compute kernel functions (CPU, float32 activations):
+Compute kernel functions (CPU, float32 activations; any M: one row for a decode step, many for
+a prefill, where they are an int8 GEMM):
   q8_matvec(x[M,K], qweight int8[N,K], scales f16|f32[N,K/32]) -> y[M,N]
   q4_matvec(x[M,K], qweight uint8[N,K/2], scales, mins) -> y[M,N]
   q8_dequant(qweight, scales) -> float32[N,K];  q4_dequant(qweight, scales, mins) -> float32[N,K]

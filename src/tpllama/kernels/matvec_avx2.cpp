@@ -16,7 +16,9 @@
 // (scale da = amax/127, and for int4 also sa = da * sum(q)), then
 //   y[n] = sum_b  dw[n,b]*da[b] * dot_i8(qw[n,b,:], qa[b,:])   (+ mw[n,b] * sa[b] for int4).
 // Tiles are split across the threads torch is set to (at::parallel_for); within a tile all
-// activation rows are processed while the tile is hot in L1.
+// activation rows are processed while the tile is hot in L1, two (int8) or four (int4) at a time
+// against the same weight loads, so that many rows (prefill) make an int8 GEMM; activation rows
+// are taken in L2-sized chunks. Every row's result is bit-identical to the one-row kernel.
 //
 // Built with -ffp-contract=off so that the dequantize kernels round exactly like the
 // PyTorch reference (separate multiply and add).
