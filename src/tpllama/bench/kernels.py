@@ -14,19 +14,7 @@ import time
 import torch
 
 from .. import kernels
-
-
-def _probe_bandwidth(nbytes: int = 1 << 30, reps: int = 3) -> float:
-    """Read bandwidth in GB/s: best of `reps` timed sums over an `nbytes` float32 tensor."""
-    t = torch.ones(nbytes // 4, dtype=torch.float32)
-    t.sum()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        t.sum()
-        best = min(best, time.perf_counter() - t0)
-    del t
-    return nbytes / best / 1e9
+from ..parallel.probe import best_time, stream_probe
 
 
 def bench_matvec(out: int, in_: int, scheme: str = "int8", threads: int | None = None, m: int = 1,
@@ -54,7 +42,7 @@ def bench_matvec(out: int, in_: int, scheme: str = "int8", threads: int | None =
         with torch.inference_mode():
             for mod in mods:
                 mod(x)
-            probe1 = _probe_bandwidth(probe_bytes)
+            probe1 = stream_probe(threads, probe_bytes)["gbps"]
             n = 0
             t0 = time.perf_counter()
             while True:
@@ -64,7 +52,7 @@ def bench_matvec(out: int, in_: int, scheme: str = "int8", threads: int | None =
                 dt = time.perf_counter() - t0
                 if dt >= min_time:
                     break
-            probe2 = _probe_bandwidth(probe_bytes)
+            probe2 = stream_probe(threads, probe_bytes)["gbps"]
         gbs = wbytes * n / dt / 1e9
         probe = max(probe1, probe2)
         return {
@@ -87,18 +75,9 @@ def bench_gemm(out: int, in_: int, m: int, scheme: str = "int8", reps: int = 3) 
     lin = quant.quantize_weight(torch.randn(out, in_) * 0.02, scheme)
     x = torch.randn(m, in_)
 
-    def best(fn) -> float:
-        fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
     with torch.inference_mode():
-        t_int = best(lambda: lin._kernel_matvec(k, x))
-        t_float = best(lambda: lin._prefill(k, x))
+        t_int = best_time(lambda: lin._kernel_matvec(k, x), reps)
+        t_float = best_time(lambda: lin._prefill(k, x), reps)
         y_int, y_float = lin._kernel_matvec(k, x), lin._prefill(k, x)
     macs = out * in_ * m
     return {"out": out, "in": in_, "m": m, "scheme": scheme, "threads": torch.get_num_threads(),

@@ -63,7 +63,8 @@ def hand_port(procs: list[subprocess.Popen], port: int) -> None:
 
 
 def stop(procs: list[subprocess.Popen], timeout_s: float = 10.0) -> None:
-    """Close the workers' stdin (a waiting worker then exits by itself), kill any still running."""
+    """End workers that will not be used: close their stdin and kill those still running (before
+    a port arrives a worker holds nothing worth a graceful exit), then reap them."""
     for p in procs:
         try:
             p.stdin.close()

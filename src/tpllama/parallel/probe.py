@@ -48,6 +48,17 @@ PROBE_BYTES = 256 << 20  # the read probe's buffer
 GEMM = 1024  # the compute probe multiplies two GEMM x GEMM float32 matrices
 
 
+def best_time(fn, repeats: int = 3) -> float:
+    """Seconds of the fastest of ``repeats`` calls of ``fn()``, after one untimed call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def measure(threads: int, probe_bytes: int = PROBE_BYTES) -> dict:
     """This process's memory-read bandwidth (GB/s) and float32 matmul speed (GFLOP/s)."""
     read = stream_probe(threads, probe_bytes, repeats=3)
@@ -55,12 +66,7 @@ def measure(threads: int, probe_bytes: int = PROBE_BYTES) -> dict:
     torch.set_num_threads(threads)
     try:
         a, b = torch.randn(GEMM, GEMM), torch.randn(GEMM, GEMM)
-        a @ b
-        best = float("inf")
-        for _ in range(3):
-            t0 = time.perf_counter()
-            a @ b
-            best = min(best, time.perf_counter() - t0)
+        best = best_time(lambda: a @ b)
     finally:
         torch.set_num_threads(old)
     return {"read_gbps": read["gbps"], "gflops": 2 * GEMM**3 / best / 1e9, "threads": threads}

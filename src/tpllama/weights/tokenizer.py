@@ -18,6 +18,7 @@ wrong ones there (bos 0 / eos 1, where the tokenizer's are 1 and 2). ``special_i
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -88,8 +89,16 @@ class Tokenizer:
 
 
 def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool, specials: dict) -> str:
-    """A chat template rendered as transformers renders it (a sandboxed jinja2 environment with
-    trim_blocks, lstrip_blocks, loop controls, ``tojson``, ``raise_exception``, ``strftime_now``)."""
+    """A chat template rendered as transformers renders it (see ``compile_chat_template``)."""
+    return compile_chat_template(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                  tools=None, documents=None, **specials)
+
+
+@functools.lru_cache(maxsize=16)
+def compile_chat_template(template: str):
+    """The jinja2 template, compiled once per template text (every chat request renders it): a
+    sandboxed environment with trim_blocks, lstrip_blocks, loop controls, ``tojson``,
+    ``raise_exception`` and ``strftime_now``, as transformers sets it up."""
     import datetime
     import json as _json
 
@@ -107,8 +116,7 @@ def render_chat_template(template: str, messages: list[dict], add_generation_pro
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
-    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                            tools=None, documents=None, **specials)
+    return env.from_string(template)
 
 
 def _token_string(value) -> str | None:
