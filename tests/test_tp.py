@@ -58,23 +58,20 @@ def test_smollm2_same_tokens_for_1_2_3_ranks(smol_gguf, tmp_path):
         assert torch.equal(results[n][1], results[1][1])
 
 
-def test_uneven_kv_heads_share_a_group_by_position():
+def test_uneven_split_follows_kv_groups():
     from tpllama.config import ModelArgs
-    from tpllama.parallel.plan import POSITION_UNITS as U
 
     args = ModelArgs(dim=576, n_layers=1, n_heads=9, n_kv_heads=3, vocab_size=49152, ffn_dim=1536, head_dim=64)
     shares = plan(args, 2)
-    # 1.5 KV groups each: the middle group (its KV head and 3 query heads) on both ranks, its keys halved
-    assert [s.kv_heads for s in shares] == [(0, 2), (1, 3)] and [s.heads for s in shares] == [(0, 6), (3, 9)]
-    assert [s.kv_span for s in shares] == [(0, 3 * U // 2), (3 * U // 2, 3 * U)]
-    assert shares[0].key_fractions() == ((0, U), (0, U // 2)) and shares[1].key_fractions() == ((U // 2, U), (0, U))
-    assert all(s.splits_positions for s in shares)
-    # every all-reduce is a barrier: the FFN is split evenly on its own, not to make up for the heads
-    assert [s.ffn for s in shares] == [(0, 768), (768, 1536)]
+    # the extra KV group goes to the last rank (rank 0 also drives generation) ...
+    assert [s.n_kv_heads for s in shares] == [1, 2] and [s.n_heads for s in shares] == [3, 6]
+    # ... and the FFN (in 32-blocks) evens out the weights each rank holds per layer
+    assert [s.ffn_dim for s in shares] == [864, 672] and shares[1].ffn == (864, 1536)
+    per_layer = [(2 * s.n_heads + 2 * s.n_kv_heads) * 64 * 576 + 3 * 576 * s.ffn_dim for s in shares]
+    assert abs(per_layer[0] - per_layer[1]) <= 3 * 576 * 32  # within one FFN block
     assert shares[1].vocab == (24576, 49152)
-    assert not any(s.splits_positions for s in plan(args, 3))  # one whole group each
     even = ModelArgs(dim=576, n_layers=1, n_heads=8, n_kv_heads=4, vocab_size=100, ffn_dim=1536, head_dim=64)
-    assert [(s.heads, s.ffn) for s in plan(even, 2)] == [((0, 4), (0, 768)), ((4, 8), (768, 1536))]
+    assert [s.ffn for s in plan(even, 2)] == [(0, 768), (768, 1536)]  # even heads: even FFN
     with pytest.raises(ShardError, match="world size 10 is larger than the model's 9 query heads"):
         plan(args, 10)
 

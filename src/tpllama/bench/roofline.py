@@ -110,7 +110,7 @@ def step_bytes(args: ModelArgs, shares: list[RankShare], dtype: torch.dtype, bpw
         lm_head = bpw["output"] * shapes["output"][0] * shapes["output"][1]
         norms = (2 * args.n_layers + 1) * args.dim * elem
         embed_rows = batch * args.dim * elem
-        kv = 2 * args.n_layers * s.kv_heads_read * args.head_dim * context * kv_elem * batch
+        kv = 2 * args.n_layers * s.n_kv_heads * args.head_dim * context * kv_elem * batch
         weights = layers + lm_head + norms + embed_rows
         ranks.append({"rank": s.rank, "weight_bytes": int(weights), "kv_bytes": int(kv),
                       "linear_bytes": int(layers), "lm_head_bytes": int(lm_head)})

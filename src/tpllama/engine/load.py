@@ -123,8 +123,6 @@ def _load_model(cfg: EngineConfig, comm: Communicator):
         args, shares, tensors = rank_weights(cfg, comm.rank)
         model = assemble(args, shares[comm.rank], tensors, cfg.torch_dtype, comm.device, comm.all_reduce,
                          comm.gather_vocab([s.vocab_rows for s in shares]))
-        if any(s.splits_positions for s in shares):  # ranks share KV groups' keys: merge through this
-            model.exchange = comm.all_gather
         _prepare_kernels(model)
         return model, shares, args, None
     except Exception as err:  # reported to every rank below

@@ -569,9 +569,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("spack"), py::arg("mpack"), py::arg("out_features"));
   py::class_<DecodeLayer>(m, "DecodeLayer")
       .def(py::init<torch::Tensor, torch::Tensor, double, PackedLinear, PackedLinear, PackedLinear, PackedLinear, int64_t,
-                    int64_t, int64_t, torch::Tensor, int64_t, int64_t>())
+                    int64_t, int64_t>())
       .def("attention", &DecodeLayer::attention, "attention half of a block for one new token per row")
-      .def("attend", &DecodeLayer::attend, "attention half up to the output projection, with log-sum-exps")
-      .def("finish", &DecodeLayer::finish, "merge with the other ranks' log-sum-exps, output projection")
       .def("mlp", &DecodeLayer::mlp, "MLP half of a block for one new token per row");
 }

@@ -35,9 +35,7 @@ class FusedLayers:
                 block.attention_norm.weight.detach(), block.ffn_norm.weight.detach(), float(args.norm_eps),
                 _packed(att.wqkv, ext), _packed(att.wo, ext), _packed(ffn.w_gate_up, ext), _packed(ffn.w_down, ext),
                 att.n_heads, att.n_kv_heads, att.head_dim,
-                torch.tensor(att.key_fractions, dtype=torch.int64), att.position_units, att.first_head,
             ))
-        self.total_heads, self.head_dim = args.n_heads, args.head_dim
 
     @staticmethod
     def supported(model) -> bool:
@@ -56,23 +54,15 @@ class FusedLayers:
         B = tokens.shape[0]
         slots = rows if isinstance(rows, torch.Tensor) else torch.arange(rows.start, rows.start + B)
         h = self(model.tok_embeddings(tokens[:, 0]), model.rope_cos, model.rope_sin, model.cache,
-                 slots.contiguous(), positions[:, 0].contiguous(), model.reduce, model.exchange)
+                 slots.contiguous(), positions[:, 0].contiguous(), model.reduce)
         return model.gather_vocab(model.output(model.norm(h)).unsqueeze(1)).float()
 
     def __call__(self, h: torch.Tensor, rope_cos, rope_sin, cache, slots: torch.Tensor, positions: torch.Tensor,
-                 reduce, exchange=None) -> torch.Tensor:
-        """h float32 [B, dim] (the embeddings) -> the residual stream after the last block [B, dim].
-        ``exchange``: the all-gather of ranks sharing KV groups' keys by position (None: none do)."""
+                 reduce) -> torch.Tensor:
+        """h float32 [B, dim] (the embeddings) -> the residual stream after the last block [B, dim]."""
         h = h.contiguous()
-        if exchange is None:
-            for i, layer in enumerate(self.layers):
-                h = h + reduce(layer.attention(h, rope_cos, rope_sin, cache.k[i], cache.v[i], slots, positions))
-                h = h + reduce(layer.mlp(h))
-            return h
-        part = torch.empty(h.shape[0], self.total_heads * (self.head_dim + 1))
         for i, layer in enumerate(self.layers):
-            layer.attend(h, rope_cos, rope_sin, cache.k[i], cache.v[i], slots, positions, part)
-            h = h + reduce(layer.finish(exchange(part)))
+            h = h + reduce(layer.attention(h, rope_cos, rope_sin, cache.k[i], cache.v[i], slots, positions))
             h = h + reduce(layer.mlp(h))
         return h
 

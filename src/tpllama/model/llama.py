@@ -4,10 +4,6 @@ Nothing here knows about processes or torch.distributed: a tensor-parallel rank 
 built with smaller ``LocalSizes`` and given a ``reduce`` callable (sum over ranks, called after
 the attention output projection and after the MLP down projection) and a ``gather_vocab``
 callable (concatenate each rank's slice of the vocabulary logits). On one rank both are identity.
-Where ranks share a KV group's keys by position (``LocalSizes.key_fractions``, see
-``tpllama.parallel.plan``), the modules compute the group's whole attention and keep their
-fraction of it; the fused decode step attends to its fraction of the keys only and merges with
-the other ranks through a third callable, ``exchange`` (all-gather -> [N, ...]).
 The fused C++ decode blocks (``model.fused``) are a second way to run a decode step of the same
 weights, with the same ``reduce`` calls; the runner chooses between them.
 
@@ -49,18 +45,12 @@ def linear(in_features: int, out_features: int, device=None, dtype=None, weight:
 
 @dataclasses.dataclass(frozen=True)
 class LocalSizes:
-    """What one rank holds: its query heads, KV heads, FFN width and vocabulary rows. On a rank
-    that shares KV groups' keys by position: ``key_fractions``, each KV head's fraction [lo, hi)
-    of every query's keys in 1/``position_units``, and ``first_head``, the model-wide index of
-    its first query head (None / 0: every KV head whole)."""
+    """What one rank holds: its query heads, KV heads, FFN width and vocabulary rows."""
 
     n_heads: int
     n_kv_heads: int
     ffn_dim: int
     vocab_rows: int
-    key_fractions: tuple[tuple[int, int], ...] | None = None
-    position_units: int = 1
-    first_head: int = 0
 
     @classmethod
     def whole(cls, args: ModelArgs) -> "LocalSizes":
@@ -95,10 +85,6 @@ class Attention(nn.Module):
         self.n_heads = local.n_heads
         self.n_kv_heads = local.n_kv_heads
         self.head_dim = args.head_dim
-        self.total_heads = args.n_heads
-        self.first_head = local.first_head
-        self.position_units = local.position_units
-        self.key_fractions = local.key_fractions or ((0, local.position_units),) * local.n_kv_heads
         qkv_out = (local.n_heads + 2 * local.n_kv_heads) * args.head_dim
         self.wqkv = linear(args.dim, qkv_out, device, dtype)
         self.wo = linear(local.n_heads * args.head_dim, args.dim, device, dtype)
@@ -141,21 +127,7 @@ class Attention(nn.Module):
                 out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=True)
             else:
                 out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
-        out = self._share_of_shared_groups(out)
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * D))
-
-    def _share_of_shared_groups(self, out: torch.Tensor) -> torch.Tensor:
-        """out [B, H, T, D], full attention -> this rank's share of it: the heads of a KV group
-        whose keys it shares with other ranks scaled by its fraction (the ranks' fractions add up
-        to one, so ``wo`` and ``reduce`` give the whole). The fused decode step instead attends
-        to its fraction of the keys only and merges log-sum-exps (``model.fused``)."""
-        B, H, T, D = out.shape
-        g = H // self.n_kv_heads
-        scale = [(hi - lo) / self.position_units for lo, hi in self.key_fractions]
-        if all(s == 1.0 for s in scale):
-            return out
-        weight = torch.tensor(scale, dtype=out.dtype, device=out.device).repeat_interleave(g)
-        return out * weight.view(1, H, 1, 1)
 
 
 def decode_attention(q, keys, values, mask, lengths=None):
@@ -219,7 +191,6 @@ class Transformer(nn.Module):
         self.local = local or LocalSizes.whole(args)
         self.reduce = reduce
         self.gather_vocab = gather_vocab
-        self.exchange: Reduce | None = None  # set by the loader where ranks share KV groups' keys (fused decode)
         # weights are not initialised (they are loaded next): a random normal_ on the meta device
         # alone costs seconds of Python decompositions at start-up
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim, device=device, dtype=dtype,

@@ -95,15 +95,6 @@ class Communicator:
         gather_single(out, local, group=self.compute)
         return out.view(self.world_size, *local.shape)
 
-    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
-        """Every rank's ``x`` (same shape on all): [world_size, *x.shape]."""
-        if self.world_size == 1:
-            return x.unsqueeze(0)
-        t0 = time.perf_counter()
-        out = self._all_gather(x.contiguous())
-        self._count(t0, x)
-        return out
-
     def gather_vocab(self, parts: list[int]):
         """A callable concatenating each rank's logits slice [..., V_r] into [..., sum V_r]."""
         if self.world_size == 1:

@@ -8,29 +8,16 @@ along input features (dim 1); norms and the token embedding are replicated; lm_h
 along the vocabulary (dim 0) so each rank reads only its share of the largest matrix of a small
 model per token, and rank 0 gathers the logits.
 
-Every all-reduce of a step is a barrier, so each half of a layer must be even on its own: a
-rank with less attention work cannot make up for it with more FFN columns, it waits at the
-attention's all-reduce either way. So the attention and the FFN are each split in proportion.
-
-Attention, N ranks <= KV heads: the KV groups (a KV head and its query heads) are laid in a row
-and each rank takes its proportion of that row, in 1/POSITION_UNITS of a group (equal
-proportions: the rounding favours the last ranks, as rank 0 also drives generation). A group
-that falls wholly inside a rank's span is that rank's alone; a group cut between ranks is held
-by each of them (its KV head and all its query heads) and its keys are split by position: each
-rank attends to its fraction of every query's keys and the partial results are merged with
-their log-sum-exp (one small all-gather per layer), so the KV cache read and the arithmetic
-of every step stay in proportion at any context length. SmolLM2 (3 KV heads) at N = 2: rank 0
-holds KV heads 0-1 and attends to all of head 0's keys and the first half of head 1's, rank 1
-the second half of head 1's and all of head 2's. When the proportions fall on group boundaries
-(N divides the KV heads, equal shares) this is the plain whole-group split.
-
-Attention, KV heads < N <= query heads: the ranks are spread over the KV groups as evenly as
+Attention heads: with N ranks and at most as many KV heads, each rank holds whole KV groups (a
+KV head and its query heads), as many as its proportion asks (equal proportions: the last
+``n_kv % N`` ranks get one group more: rank 0 also drives generation). With more ranks than KV
+heads (up to the number of query heads), the ranks are spread over the KV groups as evenly as
 possible and each rank holds a copy of one KV head and part of its group's query heads (vLLM's
 rule for TP > KV heads, without its divisibility limits): the KV cache of a rank holds that one
-head.
-
-The FFN is split in blocks of 32 features (quantized blocks are never cut in half) in
-proportion; the vocabulary rows of the lm_head too.
+head. The FFN is split in blocks of 32 features, so quantized blocks are never cut in half, and
+unevenly where the heads are uneven, so that every rank holds as nearly as possible its
+proportion of the layer weights (attention + FFN) and reads that share of the weight bytes per
+decode step; the vocabulary rows follow the proportions too.
 
 Proportions (``--shares 3,1``): relative speeds of the ranks, e.g. from ``tpllama probe``;
 default equal.
@@ -46,9 +33,6 @@ from ..config import ModelArgs
 from ..errors import ShardError
 
 FFN_ALIGN = 32
-# A rank's span of the KV groups is counted in 1/POSITION_UNITS of a group; a query with n keys
-# attends in a group it holds the fraction [lo, hi) of to keys n * lo // U .. n * hi // U - 1.
-POSITION_UNITS = 1 << 12
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,9 +45,6 @@ class RankShare:
     heads: tuple[int, int]
     ffn: tuple[int, int]
     vocab: tuple[int, int]
-    # the rank's span of the row of KV groups in 1/POSITION_UNITS of a group (see the module
-    # docs); None: whole KV groups (cuts made before spans) or KV-head copies (N > KV heads)
-    kv_span: tuple[int, int] | None = None
 
     @property
     def n_heads(self) -> int:
@@ -81,34 +62,10 @@ class RankShare:
     def vocab_rows(self) -> int:
         return self.vocab[1] - self.vocab[0]
 
-    def key_fractions(self) -> tuple[tuple[int, int], ...]:
-        """For each KV head the rank holds, the fraction [lo, hi) of every query's keys it
-        attends to, in 1/POSITION_UNITS: (0, POSITION_UNITS) for a whole group."""
-        if self.kv_span is None:
-            return ((0, POSITION_UNITS),) * self.n_kv_heads
-        a, b = self.kv_span
-        return tuple((max(a - g * POSITION_UNITS, 0), min(b - g * POSITION_UNITS, POSITION_UNITS))
-                     for g in range(*self.kv_heads))
-
-    @property
-    def kv_heads_read(self) -> float:
-        """KV heads' worth of cache a decode step of this rank reads (its fractions of the keys)."""
-        return sum(hi - lo for lo, hi in self.key_fractions()) / POSITION_UNITS
-
-    @property
-    def splits_positions(self) -> bool:
-        """True when the rank holds part of a KV group's keys (a group cut between ranks)."""
-        return any(f != (0, POSITION_UNITS) for f in self.key_fractions())
-
     def describe(self) -> str:
-        parts = []
-        for g, (lo, hi) in zip(range(*self.kv_heads), self.key_fractions()):
-            if (lo, hi) != (0, POSITION_UNITS):
-                parts.append(f"KV head {g}: keys {lo / POSITION_UNITS:.3g}-{hi / POSITION_UNITS:.3g} of each query's")
-        keys = f" ({'; '.join(parts)})" if parts else ""
         return (
             f"rank {self.rank}/{self.world_size}: {self.n_heads} heads {self.heads}, "
-            f"{self.n_kv_heads} KV heads {self.kv_heads}{keys}, FFN {self.ffn_dim} {self.ffn}, "
+            f"{self.n_kv_heads} KV heads {self.kv_heads}, FFN {self.ffn_dim} {self.ffn}, "
             f"vocab rows {self.vocab_rows} {self.vocab}"
         )
 
@@ -158,22 +115,25 @@ def check_proportions(proportions, world_size: int) -> list[float]:
     return values
 
 
-def _kv_spans(args: ModelArgs, weights: list[float]):
-    """N <= KV heads: each rank's span of the row of KV groups, in 1/POSITION_UNITS of a group
-    (see the module docs) -> [(query heads, KV heads, span)]."""
-    g, unit = args.group_size, POSITION_UNITS
-    equal = len(set(weights)) == 1
-    out = []
-    for a, b in _ranges(_apportion(args.n_kv_heads * unit, weights, extra_to_last=equal)):
-        kv = (a // unit, -(-b // unit))
-        out.append(((kv[0] * g, kv[1] * g), kv, (a, b)))
-    return out
+def _ffn_units(fixed: list[int], units: int, per_unit: int, weights: list[float]) -> list[int]:
+    """Split ``units`` FFN blocks (``per_unit`` weights each, at least one per rank) so that
+    ``fixed[r]`` + rank r's FFN weights are as near as possible to rank r's proportion: each block
+    in turn goes to the rank holding the fewest weights for its proportion (ties: the lowest rank)."""
+    counts = [1] * len(fixed)
+    for _ in range(units - len(fixed)):
+        r = min(range(len(fixed)), key=lambda i: ((fixed[i] + counts[i] * per_unit) / weights[i], i))
+        counts[r] += 1
+    return counts
 
 
-def _kv_copies(args: ModelArgs, world_size: int, weights: list[float]):
-    """KV heads < N <= query heads: ranks per group, then each group's query heads among its
-    ranks, each rank with a copy of its group's KV head -> [(query heads, KV heads, None)]."""
+def _heads(args: ModelArgs, world_size: int, weights: list[float]) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """(query heads, KV heads) of every rank; see the module docstring."""
     g = args.group_size
+    if world_size <= args.n_kv_heads:  # whole KV groups
+        equal = len(set(weights)) == 1
+        kv = _ranges(_apportion(args.n_kv_heads, weights, extra_to_last=equal))
+        return [((a * g, b * g), (a, b)) for a, b in kv]
+    # more ranks than KV heads: ranks per group, then each group's query heads among its ranks
     ranks_per_group = _apportion(world_size, [1.0] * args.n_kv_heads, extra_to_last=True)
     if any(n > g for n in ranks_per_group):
         raise ShardError(f"world size {world_size}: a KV group of {g} query heads cannot be split over "
@@ -182,7 +142,7 @@ def _kv_copies(args: ModelArgs, world_size: int, weights: list[float]):
     for kvh, n in enumerate(ranks_per_group):
         mine = weights[r:r + n]
         for a, b in _ranges(_apportion(g, mine, extra_to_last=len(set(mine)) == 1)):
-            out.append(((kvh * g + a, kvh * g + b), (kvh, kvh + 1), None))
+            out.append(((kvh * g + a, kvh * g + b), (kvh, kvh + 1)))
         r += n
     return out
 
@@ -201,17 +161,13 @@ def plan(args: ModelArgs, world_size: int, proportions=None) -> list[RankShare]:
     unit = FFN_ALIGN if args.ffn_dim % FFN_ALIGN == 0 else 1
     if args.ffn_dim // unit < world_size:
         raise ShardError(f"FFN width {args.ffn_dim} is too small to split over {world_size} ranks")
-    if world_size == 1:
-        attention = [((0, args.n_heads), (0, args.n_kv_heads), None)]
-    elif world_size <= args.n_kv_heads:
-        attention = _kv_spans(args, weights)
-    else:
-        attention = _kv_copies(args, world_size, weights)
-    equal = len(set(weights)) == 1
-    ffn = [(a * unit, b * unit) for a, b in _ranges(_apportion(args.ffn_dim // unit, weights, extra_to_last=equal))]
+    heads = _heads(args, world_size, weights)
+    # weights per layer: q and o rows of its query heads, k and v of its KV heads; 3 per FFN feature
+    attention = [((h[1] - h[0]) * 2 + (k[1] - k[0]) * 2) * args.head_dim * args.dim for h, k in heads]
+    counts = _ffn_units(attention, args.ffn_dim // unit, 3 * args.dim * unit, weights)
+    ffn = [(a * unit, b * unit) for a, b in _ranges(counts)]
     vocab = _ranges(_apportion(args.vocab_size, weights))
-    return [RankShare(r, world_size, kv, heads, ffn[r], vocab[r], span)
-            for r, (heads, kv, span) in enumerate(attention)]
+    return [RankShare(r, world_size, heads[r][1], heads[r][0], ffn[r], vocab[r]) for r in range(world_size)]
 
 
 # HF tensor-name suffix -> (dimension split, which range of RankShare, unit size in features)

@@ -26,7 +26,7 @@ import torch
 
 from ..config import ModelArgs
 from ..env import cache_dir
-from ..parallel.plan import POSITION_UNITS, RankShare, plan, slice_for_rank
+from ..parallel.plan import RankShare, plan, slice_for_rank
 from ..version import __version__
 from .checkpoint import Checkpoint, CheckpointError, expected_shapes, open_checkpoint
 from .default_model import sha256_file
@@ -179,9 +179,8 @@ def write_manifest(directory: Path, world_size: int, dtype: torch.dtype, quant: 
         "shares": None if proportions is None else [float(x) for x in proportions],
         "source": source,
         "split": {
-            "heads": "world size <= KV heads: each rank its span of the row of KV groups (kv_span, in 1/"
-                     f"{POSITION_UNITS} of a group); a group cut between ranks is held by each and its keys split by "
-                     "position; else each rank a copy of one KV head and part of its group's query heads",
+            "heads": "whole KV groups for world size <= KV heads; else each rank a copy of one KV head and part "
+                     "of its group's query heads (see each rank's share)",
             "q,k,v,gate,up": "output features (dim 0)",
             "o,down": "input features (dim 1)",
             "lm_head": "vocabulary rows (dim 0); logits gathered",
@@ -247,18 +246,13 @@ def check_manifest(directory: Path, manifest: dict, needed: list[int] | None = N
                                   f"rank {i} of {n}; cut the checkpoint again")
         if not isinstance(entry.get("files"), dict) or not entry["files"]:
             raise CheckpointError(f"{where}: rank {i} lists no files; cut the checkpoint again")
-    spans = all(s.kv_span is not None for s in shares) and n > 1
-    covered = (("kv_span", args.n_kv_heads * POSITION_UNITS),) if spans else (("heads", args.n_heads),)
-    for what, total in covered + (("ffn", args.ffn_dim), ("vocab", args.vocab_size)):
-        ranges = [tuple(getattr(s, what)) for s in shares]
+    for what, total in (("heads", args.n_heads), ("ffn", args.ffn_dim), ("vocab", args.vocab_size)):
+        ranges = [getattr(s, what) for s in shares]
         if ranges[0][0] != 0 or ranges[-1][1] != total or any(a[1] != b[0] for a, b in zip(ranges, ranges[1:])):
             raise CheckpointError(f"{where}: the ranks' {what} ranges {ranges} do not cover 0..{total} of the model; "
                                   f"cut the checkpoint again")
-    g, unit = args.group_size, POSITION_UNITS
+    g = args.group_size
     for s in shares:  # each rank holds (a copy of) exactly the KV heads its query heads use
-        if spans and s.kv_heads != (s.kv_span[0] // unit, -(-s.kv_span[1] // unit)):
-            raise CheckpointError(f"{where}: rank {s.rank} spans {s.kv_span} of the KV groups but holds KV heads "
-                                  f"{s.kv_heads}; cut the checkpoint again")
         if s.kv_heads != (s.heads[0] // g, (s.heads[1] - 1) // g + 1):
             raise CheckpointError(f"{where}: rank {s.rank} holds query heads {s.heads} but KV heads {s.kv_heads}; "
                                   f"cut the checkpoint again")

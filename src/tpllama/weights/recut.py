@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelArgs, torch_dtype
-from ..parallel.plan import RankShare, feature_range, plan, slice_for_rank, split_rule
+from ..parallel.plan import RankShare, plan, slice_for_rank, split_rule
 from .checkpoint import CheckpointError, expected_shapes, safetensors_shapes
 from .default_model import sha256_file
 from .parts import MANIFEST, PartsWriter, read_manifest, share_from_json
@@ -60,15 +60,12 @@ class CutReader:
         if rule is None or len(self.shares) == 1:
             return self._handles[0].get_tensor(name)
         dim, which = rule
-        covered, pieces = 0, []
+        seen, pieces = set(), []
         for share, h in zip(self.shares, self._handles):
-            start, end = feature_range(share, which, self.args)
-            if end <= covered:  # a KV head (or group) held by several ranks: once
-                continue
-            piece = h.get_tensor(name)
-            per = (end - start) // piece.shape[dim]  # features per stored element (packed int4, scales)
-            pieces.append(piece.narrow(dim, (covered - start) // per, (end - covered) // per))
-            covered = end
+            held = getattr(share, which)
+            if held not in seen:  # a KV head held by several ranks: once
+                seen.add(held)
+                pieces.append(h.get_tensor(name))
         return torch.cat(pieces, dim=dim)
 
     def in_features(self, name: str) -> int | None:

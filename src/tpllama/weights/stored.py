@@ -17,7 +17,7 @@ from torch import nn
 from ..config import AUTO, ModelArgs
 from ..model import quant as quantmod
 from ..model.llama import LocalSizes, Transformer, identity, linear
-from ..parallel.plan import POSITION_UNITS, RankShare, slice_for_rank
+from ..parallel.plan import RankShare, slice_for_rank
 from .checkpoint import EMBED, FINAL_NORM, Checkpoint, CheckpointError, expected_shapes, layer_names
 
 def is_linear(name: str) -> bool:
@@ -114,8 +114,7 @@ def assemble(
     gather_vocab: Callable = identity,
 ) -> Transformer:
     """Build this rank's model from its stored tensors (consumed: the dict is emptied)."""
-    local = LocalSizes(share.n_heads, share.n_kv_heads, share.ffn_dim, share.vocab_rows,
-                       share.key_fractions() if share.splits_positions else None, POSITION_UNITS, share.heads[0])
+    local = LocalSizes(share.n_heads, share.n_kv_heads, share.ffn_dim, share.vocab_rows)
     model = Transformer(args, local, reduce, gather_vocab, device="meta", dtype=dtype)
 
     def param(t: torch.Tensor) -> nn.Parameter:
