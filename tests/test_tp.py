@@ -65,10 +65,9 @@ def test_uneven_split_follows_kv_groups():
     shares = plan(args, 2)
     # the extra KV group goes to the last rank (rank 0 also drives generation) ...
     assert [s.n_kv_heads for s in shares] == [1, 2] and [s.n_heads for s in shares] == [3, 6]
-    # ... and the FFN (in 32-blocks) evens out the weights each rank holds per layer
-    assert [s.ffn_dim for s in shares] == [864, 672] and shares[1].ffn == (864, 1536)
-    per_layer = [(2 * s.n_heads + 2 * s.n_kv_heads) * 64 * 576 + 3 * 576 * s.ffn_dim for s in shares]
-    assert abs(per_layer[0] - per_layer[1]) <= 3 * 576 * 32  # within one FFN block
+    # ... and the FFN (in 32-blocks) is split evenly on its own: every all-reduce is a barrier, so
+    # extra FFN columns on rank 0 would not make up for its fewer heads
+    assert [s.ffn for s in shares] == [(0, 768), (768, 1536)]
     assert shares[1].vocab == (24576, 49152)
     even = ModelArgs(dim=576, n_layers=1, n_heads=8, n_kv_heads=4, vocab_size=100, ffn_dim=1536, head_dim=64)
     assert [s.ffn for s in plan(even, 2)] == [(0, 768), (768, 1536)]  # even heads: even FFN

@@ -62,9 +62,10 @@ def cmd_cut(a: argparse.Namespace) -> int:
         out = cut(source, a.output, a.world_size, dtype=cfg.torch_dtype, quant=cfg.quant, progress=True,
                   proportions=cfg.shares)
     manifest = json.loads((out / "manifest.json").read_text())
+    from .weights.parts import share_from_json
+
     for r in manifest["ranks"]:
-        s = r["share"]
-        print(f"rank {s['rank']}: heads {s['heads']}, KV heads {s['kv_heads']}, FFN {s['ffn']}, vocab {s['vocab']}")
+        print(share_from_json(r).describe())
     print(f"wrote {out} ({a.world_size} parts) in {time.perf_counter() - t0:.1f} s")
     return 0
 

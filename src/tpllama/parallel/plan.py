@@ -14,10 +14,11 @@ KV head and its query heads), as many as its proportion asks (equal proportions:
 heads (up to the number of query heads), the ranks are spread over the KV groups as evenly as
 possible and each rank holds a copy of one KV head and part of its group's query heads (vLLM's
 rule for TP > KV heads, without its divisibility limits): the KV cache of a rank holds that one
-head. The FFN is split in blocks of 32 features, so quantized blocks are never cut in half, and
-unevenly where the heads are uneven, so that every rank holds as nearly as possible its
-proportion of the layer weights (attention + FFN) and reads that share of the weight bytes per
-decode step; the vocabulary rows follow the proportions too.
+head. The FFN is split in blocks of 32 features (quantized blocks are never cut in half) in
+proportion, on its own: every all-reduce of a step is a barrier, so each half of a layer has to
+be even by itself, and a rank with fewer heads that held more FFN columns to even out the
+weights would only wait at the attention's all-reduce and make the others wait at the MLP's.
+The vocabulary rows follow the proportions too.
 
 Proportions (``--shares 3,1``): relative speeds of the ranks, e.g. from ``tpllama probe``;
 default equal.
@@ -115,17 +116,6 @@ def check_proportions(proportions, world_size: int) -> list[float]:
     return values
 
 
-def _ffn_units(fixed: list[int], units: int, per_unit: int, weights: list[float]) -> list[int]:
-    """Split ``units`` FFN blocks (``per_unit`` weights each, at least one per rank) so that
-    ``fixed[r]`` + rank r's FFN weights are as near as possible to rank r's proportion: each block
-    in turn goes to the rank holding the fewest weights for its proportion (ties: the lowest rank)."""
-    counts = [1] * len(fixed)
-    for _ in range(units - len(fixed)):
-        r = min(range(len(fixed)), key=lambda i: ((fixed[i] + counts[i] * per_unit) / weights[i], i))
-        counts[r] += 1
-    return counts
-
-
 def _heads(args: ModelArgs, world_size: int, weights: list[float]) -> list[tuple[tuple[int, int], tuple[int, int]]]:
     """(query heads, KV heads) of every rank; see the module docstring."""
     g = args.group_size
@@ -162,10 +152,8 @@ def plan(args: ModelArgs, world_size: int, proportions=None) -> list[RankShare]:
     if args.ffn_dim // unit < world_size:
         raise ShardError(f"FFN width {args.ffn_dim} is too small to split over {world_size} ranks")
     heads = _heads(args, world_size, weights)
-    # weights per layer: q and o rows of its query heads, k and v of its KV heads; 3 per FFN feature
-    attention = [((h[1] - h[0]) * 2 + (k[1] - k[0]) * 2) * args.head_dim * args.dim for h, k in heads]
-    counts = _ffn_units(attention, args.ffn_dim // unit, 3 * args.dim * unit, weights)
-    ffn = [(a * unit, b * unit) for a, b in _ranges(counts)]
+    equal = len(set(weights)) == 1
+    ffn = [(a * unit, b * unit) for a, b in _ranges(_apportion(args.ffn_dim // unit, weights, extra_to_last=equal))]
     vocab = _ranges(_apportion(args.vocab_size, weights))
     return [RankShare(r, world_size, heads[r][1], heads[r][0], ffn[r], vocab[r]) for r in range(world_size)]
 

@@ -34,7 +34,7 @@ def cut_cache_key(path: Path, world_size: int, dtype: torch.dtype, quant: str | 
     """Identity of a cut in the cache: the source file's path, size and mtime, and the cut's settings."""
     files = sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else [path]
     # the tool version and the parts' format: a cut made by an older tpllama is not reused
-    ident = [str(path.resolve()), str(world_size), str(dtype), str(quant), __version__, partsmod.FORMAT, "stored-form-2", "plan-2"]
+    ident = [str(path.resolve()), str(world_size), str(dtype), str(quant), __version__, partsmod.FORMAT, "stored-form-2", "plan-4"]
     if proportions is not None:
         ident.append("shares=" + ",".join(f"{x:g}" for x in proportions))
     ident += [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
