@@ -9,7 +9,7 @@ from tpllama.model.llama import decode_attention
 
 @pytest.mark.skipif(not kernels.available(), reason="AVX2 kernels cannot be built on this machine")
 @pytest.mark.parametrize("B,H,Hkv,L,D", [(1, 9, 3, 300, 64), (3, 6, 2, 50, 64), (2, 5, 1, 17, 32), (4, 8, 8, 9, 16),
-                                         (2, 9, 3, 1100, 64)])
+                                         (2, 9, 3, 1100, 64), (1, 12, 2, 520, 40), (2, 4, 2, 70, 24)])
 def test_kernel_matches_torch(B, H, Hkv, L, D):
     g = torch.Generator().manual_seed(B * 100 + L)
     cache_k = torch.randn(B + 1, Hkv, 64 + L, D, generator=g)
@@ -37,3 +37,13 @@ def test_kernel_reads_float16_cache():
     expected = decode_attention(q, keys.float(), values.float(), mask)
     got = decode_attention(q, keys, values, mask, lengths)
     assert (got - expected).abs().max().item() < 1e-5
+
+
+@pytest.mark.skipif(not kernels.available(), reason="AVX2 kernels cannot be built on this machine")
+def test_attention_micro_benchmark_reports_its_figures():
+    from tpllama.bench.kernels import bench_attention
+
+    r = bench_attention(300, kv_heads=2, group=3, layers=3, threads=1, reps=2, probe_bytes=1 << 22)
+    assert r["bytes_per_step"] == 3 * 2 * 2 * 300 * 64 * 2
+    assert 0 < r["cold_ms_best"] <= r["cold_ms_median"] and 0 < r["hot_ms_best"] <= r["hot_ms_median"]
+    assert r["cold_gbps"] > 0 and r["probe_gbps"] > 0 and r["isa"]
