@@ -40,7 +40,7 @@ def add_cut_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_cut(a: argparse.Namespace) -> int:
     from .config import EngineConfig
-    from .weights.parts import cut, is_cut_dir, read_manifest
+    from .weights.parts import cut, is_cut_dir, read_manifest, share_from_json
 
     if a.shares == "auto":
         raise ValueError("--shares auto measures the hosts the ranks run on, so it works at start (run, serve, "
@@ -62,8 +62,6 @@ def cmd_cut(a: argparse.Namespace) -> int:
         out = cut(source, a.output, a.world_size, dtype=cfg.torch_dtype, quant=cfg.quant, progress=True,
                   proportions=cfg.shares)
     manifest = json.loads((out / "manifest.json").read_text())
-    from .weights.parts import share_from_json
-
     for r in manifest["ranks"]:
         print(share_from_json(r).describe())
     print(f"wrote {out} ({a.world_size} parts) in {time.perf_counter() - t0:.1f} s")
