@@ -126,10 +126,11 @@ def test_kernel_matches_fallback(scheme, m, out, kin, monkeypatch):
 
 @needs_kernels
 @pytest.mark.parametrize("scheme", QUANT_SCHEMES)
-@pytest.mark.parametrize("out,kin", [(37, 96), (130, 1024), (9, 2048)])
+@pytest.mark.parametrize("out,kin", [(5, 32), (37, 96), (130, 1024), (9, 2048)])
 def test_many_rows_bit_identical_to_one_row_at_a_time(scheme, out, kin):
     """The GEMM kernels (2 rows x tile for int8, 4 for int4, the rest one by one, activation
-    rows in L2-sized chunks) give exactly what the one-row kernel gives for each row."""
+    rows in L2-sized chunks) give exactly what the one-row kernel gives for each row (whose int4
+    tile folds the scales and mins into its block loop: one block, an odd and an even count)."""
     mod = quantize_weight(_w(out, kin, seed=kin), scheme)
     k = kernels.get()
     x = torch.randn(203, kin, generator=torch.Generator().manual_seed(out))  # odd: every remainder path

@@ -73,6 +73,9 @@ inline float load1(const at::Half* p) {
   return _cvtsh_ss(bits);
 }
 inline float load1(const float* p) { return *p; }
+// 4 consecutive scales as fp32
+inline __m128 load4(const at::Half* p) { return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
+inline __m128 load4(const float* p) { return _mm_loadu_ps(p); }
 
 // Quantize one activation row of K floats (K % 32 == 0) to int8 per 32-block.
 // q: K int8, d: K/32 scales, s: K/32 values d * sum(q).
@@ -218,23 +221,29 @@ inline void q8_tile(const int8_t* W, const ST* S, int64_t nb, const int8_t* qa, 
 // block of two rows: lane 0 = row r, lane 1 = row r+1. Low nibbles are elements 0..15 and
 // high nibbles elements 16..31, multiplied against the matching activation half broadcast
 // to both lanes. The 4 int32 sums of each lane are scaled by that row's combined scale.
+// The combined scales (combine_scales) and the mins' term (dot_mins4) are computed inside the
+// block loop rather than in passes of their own over the tile's scales (about a tenth faster
+// on SmolLM2's 576-wide matrices), with the same products and the same summation order (mins:
+// even blocks in one accumulator, odd blocks in another, an odd last block added after the
+// two), so the results stay bit-identical to q4_tile_x4's. (The same folding made q8_tile
+// slower: its four per-row scale broadcasts then need lane permutes instead of loads.)
 template <typename ST>
 inline void q4_tile(const uint8_t* W, const ST* S, const ST* Mn, int64_t nb, const int8_t* qa, const float* d4,
-                    const float* s4, float* c, float* y) {
-  combine_scales(S, nb * RT, d4, c);
+                    const float* s4, float* y) {
   const __m256i ones16 = _mm256_set1_epi16(1);
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   const __m256i sel01 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
   const __m256i sel23 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
   constexpr int64_t QB = QK / 2;  // bytes per block per row
   __m256 acc01 = _mm256_setzero_ps(), acc23 = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
+  __m128 mins_even = _mm_setzero_ps(), mins_odd = _mm_setzero_ps();
+  auto block = [&](int64_t b) {
     const uint8_t* w = W + b * (RT * QB);
     pf(w + PF_BYTES_Q4);
     const __m256i alo = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qa + b * QK)));
     const __m256i ahi =
         _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qa + b * QK + 16)));
-    const __m256 cb = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(c + b * RT));
+    const __m256 cb = _mm256_castps128_ps256(_mm_mul_ps(load4(S + b * RT), _mm_loadu_ps(d4 + b * RT)));
     const __m256i v01 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
     const __m256i v23 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2 * QB));
     // pair sums <= 2*15*127 per maddubs, two of them added: no int16 overflow
@@ -242,14 +251,29 @@ inline void q4_tile(const uint8_t* W, const ST* S, const ST* Mn, int64_t nb, con
                                          _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v01, 4), low4), ahi));
     const __m256i p23 = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(v23, low4), alo),
                                          _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v23, 4), low4), ahi));
-    acc01 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p01, ones16)), _mm256_permutevar_ps(cb, sel01), acc01);
-    acc23 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p23, ones16)), _mm256_permutevar_ps(cb, sel23), acc23);
+    acc01 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p01, ones16)), _mm256_permutevar8x32_ps(cb, sel01),
+                            acc01);
+    acc23 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p23, ones16)), _mm256_permutevar8x32_ps(cb, sel23),
+                            acc23);
+  };
+  int64_t b = 0;
+  for (; b + 2 <= nb; b += 2) {
+    block(b);
+    mins_even = _mm_fmadd_ps(load4(Mn + b * RT), _mm_loadu_ps(s4 + b * RT), mins_even);
+    block(b + 1);
+    mins_odd = _mm_fmadd_ps(load4(Mn + (b + 1) * RT), _mm_loadu_ps(s4 + (b + 1) * RT), mins_odd);
   }
-  y[0] = hsum128(_mm256_castps256_ps128(acc01));
-  y[1] = hsum128(_mm256_extractf128_ps(acc01, 1));
-  y[2] = hsum128(_mm256_castps256_ps128(acc23));
-  y[3] = hsum128(_mm256_extractf128_ps(acc23, 1));
-  dot_mins4(Mn, nb * RT, s4, y);
+  __m128 mins = _mm_add_ps(mins_even, mins_odd);
+  if (b < nb) {
+    block(b);
+    mins = _mm_add_ps(mins, _mm_mul_ps(load4(Mn + b * RT), _mm_loadu_ps(s4 + b * RT)));
+  }
+  float m[4];
+  _mm_storeu_ps(m, mins);
+  y[0] = hsum128(_mm256_castps256_ps128(acc01)) + m[0];
+  y[1] = hsum128(_mm256_extractf128_ps(acc01, 1)) + m[1];
+  y[2] = hsum128(_mm256_castps256_ps128(acc23)) + m[2];
+  y[3] = hsum128(_mm256_extractf128_ps(acc23, 1)) + m[3];
 }
 
 // Checks a packed weight: q [T, nb, 4, qb] of dtype qdt, scales [T, nb, 4]; returns {T, nb}.
@@ -407,7 +431,7 @@ void q4_matvec_impl(const float* x, int64_t M, int64_t nb, const uint8_t* W, con
   QAct a = quantize_act(x, M, K);
   const int64_t MC = act_chunk_rows(K);
   at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> c(RT * nb), c4(4 * RT * nb);
+    std::vector<float> c4(4 * RT * nb);
     float out[RT];
     for (int64_t mc = 0; mc < M; mc += MC) {
       const int64_t me = std::min(M, mc + MC);
@@ -439,8 +463,7 @@ void q4_matvec_impl(const float* x, int64_t M, int64_t nb, const uint8_t* W, con
           }
         }
         for (; m < me; ++m) {
-          q4_tile(Wt, St, Mt, nb, a.q.data() + m * K, a.d4.data() + m * nb * RT, a.s4.data() + m * nb * RT,
-                  c.data(), out);
+          q4_tile(Wt, St, Mt, nb, a.q.data() + m * K, a.d4.data() + m * nb * RT, a.s4.data() + m * nb * RT, out);
           for (int64_t r = 0; r < R; ++r) y[m * N + n0 + r] = out[r];
         }
       }
