@@ -5,6 +5,7 @@ import torch
 
 import tpllama
 from tpllama.engine.runner import CMD_STOP, ModelRunner, follow
+from tpllama.model.kv_cache import KVCache
 
 
 def test_bad_choice_refused_before_loading(tiny_dirs):
@@ -71,3 +72,13 @@ def test_other_ranks_get_the_cache_dtype(tiny_dirs):
         follow(other.runner.model, ctx)
         cache = other.runner.model.cache
         assert cache.k.dtype == torch.float16 and cache.slots == 3 and cache.max_len == 48
+
+
+def test_layer_views_follow_the_buffers():
+    cache = KVCache(3, 2, 1, 8, 4, torch.float32, "cpu")
+    assert len(cache.layer_k) == 3 and cache.layer_v[2].shape == (2, 1, 8, 4)
+    cache.layer_k[1][0, 0, 5] = 7.0
+    assert float(cache.k[1, 0, 0, 5, 0]) == 7.0
+    cache.half()
+    assert cache.layer_k[1].dtype == torch.float16 and cache.layer_k[1].data_ptr() == cache.k[1].data_ptr()
+    assert float(cache.layer_k[1][0, 0, 5, 0]) == 7.0

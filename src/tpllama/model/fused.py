@@ -61,8 +61,8 @@ class FusedLayers:
                  reduce) -> torch.Tensor:
         """h float32 [B, dim] (the embeddings) -> the residual stream after the last block [B, dim]."""
         h = h.contiguous()
-        for i, layer in enumerate(self.layers):
-            h = h + reduce(layer.attention(h, rope_cos, rope_sin, cache.k[i], cache.v[i], slots, positions))
+        for layer, cache_k, cache_v in zip(self.layers, cache.layer_k, cache.layer_v):
+            h = h + reduce(layer.attention(h, rope_cos, rope_sin, cache_k, cache_v, slots, positions))
             h = h + reduce(layer.mlp(h))
         return h
 

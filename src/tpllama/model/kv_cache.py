@@ -17,6 +17,18 @@ class KVCache(nn.Module):
         shape = (n_layers, slots, n_kv_heads, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # Per-layer views [slots, Hkv, max_len, D], taken once: ``self.k[i]`` goes through
+        # nn.Module's attribute lookup and a tensor select, some 5 us, twice per layer and step.
+        self._take_layer_views()
+
+    def _take_layer_views(self) -> None:
+        self.layer_k = self.k.unbind(0)
+        self.layer_v = self.v.unbind(0)
+
+    def _apply(self, fn, recurse=True):  # .to(), .half(), ... replace the buffers: views follow
+        out = super()._apply(fn, recurse)
+        self._take_layer_views()
+        return out
 
     @property
     def slots(self) -> int:

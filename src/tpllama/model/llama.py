@@ -277,8 +277,8 @@ class Transformer(nn.Module):
             cos, sin = cos.to(self.norm.weight.dtype), sin.to(self.norm.weight.dtype)
 
         h = self.tok_embeddings(tokens)
-        for i, layer in enumerate(self.layers):
-            a = layer.attention(layer.attention_norm(h), cos, sin, cache.k[i], cache.v[i], rows, positions, mask, length)
+        for layer, cache_k, cache_v in zip(self.layers, cache.layer_k, cache.layer_v):
+            a = layer.attention(layer.attention_norm(h), cos, sin, cache_k, cache_v, rows, positions, mask, length)
             h = h + self.reduce(a)
             h = h + self.reduce(layer.feed_forward(layer.ffn_norm(h)))
         if last_only:
