@@ -116,3 +116,38 @@ def test_fused_blocks_rebuilt_after_new_weights(long_q32):
         model.fused_decode = False
         assert torch.equal(engine.generate(ids, max_new_tokens=8, ignore_eos=True), changed)
     assert not torch.equal(first, changed)
+
+
+def test_decode_stack_equals_the_loop_over_blocks(long_q32):
+    """``DecodeStack.run`` (every block in one C++ call, ``reduce`` called back between halves)
+    gives exactly the Python loop over the blocks with the same reduce, and leaves h alone."""
+    with tpllama.load(long_q32, quant="int4") as engine:
+        model = engine.runner.model
+        fused = fused_layers(model)
+        with torch.inference_mode():
+            model.ensure_cache(2, 64)
+            h = torch.randn(2, model.args.dim, generator=torch.Generator().manual_seed(4))
+            h0 = h.clone()
+            slots, positions = torch.tensor([1, 0]), torch.tensor([0, 0])
+            calls = []
+
+            def halve(x):  # a stand-in all-reduce that changes the values, so its use is visible
+                calls.append(tuple(x.shape))
+                return x * 0.5
+
+            cache = model.cache
+            got = fused(h, model.rope_cos, model.rope_sin, cache, slots, positions, halve)
+            assert torch.equal(h, h0) and len(calls) == 2 * model.args.n_layers
+            ref = h.clone()
+            for layer, k, v in zip(fused.layers, cache.layer_k, cache.layer_v):
+                ref = ref + halve(layer.attention(ref, model.rope_cos, model.rope_sin, k, v, slots, positions))
+                ref = ref + halve(layer.mlp(ref))
+            assert torch.equal(got, ref)
+            with pytest.raises(RuntimeError, match="reduce must return"):
+                fused(h, model.rope_cos, model.rope_sin, cache, slots, positions, lambda x: x[:, :-1])
+
+            def broken(x):
+                raise ValueError("peer gone")
+
+            with pytest.raises(ValueError, match="peer gone"):  # a failing all-reduce reaches the caller
+                fused(h, model.rope_cos, model.rope_sin, cache, slots, positions, broken)

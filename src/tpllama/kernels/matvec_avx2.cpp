@@ -595,4 +595,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                     int64_t, int64_t>())
       .def("attention", &DecodeLayer::attention, "attention half of a block for one new token per row")
       .def("mlp", &DecodeLayer::mlp, "MLP half of a block for one new token per row");
+  py::class_<DecodeStack>(m, "DecodeStack")
+      .def(py::init<std::vector<DecodeLayer>>())
+      .def("run", &DecodeStack::run, "every block of a decode step, all-reducing each half with reduce (or None)");
 }

@@ -5,7 +5,8 @@ PyTorch operations per layer, which on a small model take longer than reading th
 every linear layer of the blocks is quantized (``tpllama.quant``), the model is float32 on the CPU
 and the AVX2 kernels are available, ``FusedLayers`` runs each block as two C++ calls (attention
 half, MLP half) around the same ``reduce`` all-reduces, with the same numerics as the modules'
-quantized path up to float rounding order.
+quantized path up to float rounding order; ``ext.DecodeStack`` runs the whole loop over the blocks
+in one call (calling ``reduce`` back between the halves when there is more than one rank).
 
 Shapes: B rows, dim model width; positions and slots int64 [B].
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from .. import kernels
+from .llama import identity
 from .quant import QuantLinear
 
 
@@ -36,6 +38,7 @@ class FusedLayers:
                 _packed(att.wqkv, ext), _packed(att.wo, ext), _packed(ffn.w_gate_up, ext), _packed(ffn.w_down, ext),
                 att.n_heads, att.n_kv_heads, att.head_dim,
             ))
+        self.stack = ext.DecodeStack(self.layers)
 
     @staticmethod
     def supported(model) -> bool:
@@ -60,11 +63,8 @@ class FusedLayers:
     def __call__(self, h: torch.Tensor, rope_cos, rope_sin, cache, slots: torch.Tensor, positions: torch.Tensor,
                  reduce) -> torch.Tensor:
         """h float32 [B, dim] (the embeddings) -> the residual stream after the last block [B, dim]."""
-        h = h.contiguous()
-        for layer, cache_k, cache_v in zip(self.layers, cache.layer_k, cache.layer_v):
-            h = h + reduce(layer.attention(h, rope_cos, rope_sin, cache_k, cache_v, slots, positions))
-            h = h + reduce(layer.mlp(h))
-        return h
+        return self.stack.run(h, rope_cos, rope_sin, cache.layer_k, cache.layer_v, slots, positions,
+                              None if reduce is identity else reduce)
 
 
 def fused_layers(model) -> FusedLayers | None:
