@@ -115,3 +115,18 @@ def test_startup_benchmark_measures_a_process(tmp_path):
     assert r["exit_code"] == 0 and 0 < r["first_s"] < r["end_s"] and r["end_s"] >= 0.2
     text = startup.table([dict(r, case="echo", cache="warm")])
     assert "| echo | warm |" in text
+
+
+def test_building_every_extension_at_set_up():
+    """``python -m tpllama.kernels`` (run by ``make`` at set-up) builds or loads every C++
+    extension and says which this machine uses."""
+    from tpllama import kernels
+
+    out = subprocess.run([sys.executable, "-m", "tpllama.kernels"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    expect = "ready" if kernels.available() else "not available here"
+    assert any(line.startswith("CPU kernels: " + expect) for line in lines), out.stdout
+    assert any(line.startswith("shared-memory collectives: ") for line in lines)
+    assert any(line.startswith("TCP collectives: ") for line in lines)
+    assert f"kernel path: {kernels.isa()}" in lines
