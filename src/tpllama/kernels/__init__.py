@@ -1,7 +1,7 @@
 """The C++ extensions and their one builder.
 
-Two extensions are built from the sources next to this file, on first use, with
-``torch.utils.cpp_extension.load``:
+Three extensions are built from the sources next to this file with
+``torch.utils.cpp_extension.load``, on first use or all at once by ``python -m tpllama.kernels``:
 
 - the compute kernels (``matvec_avx2.cpp`` with ``attention_avx2.inc`` and ``decode_layer.inc``):
   AVX2/FMA/F16C matrix-vector products on the quantized layouts of ``tpllama.model.quant``,
