@@ -128,15 +128,24 @@ def test_kernel_matches_fallback(scheme, m, out, kin, monkeypatch):
 @pytest.mark.parametrize("scheme", QUANT_SCHEMES)
 @pytest.mark.parametrize("out,kin", [(5, 32), (37, 96), (130, 1024), (9, 2048)])
 def test_many_rows_bit_identical_to_one_row_at_a_time(scheme, out, kin):
-    """The GEMM kernels (2 rows x tile for int8, 4 for int4, the rest one by one, activation
+    """The tile kernels (2 rows x tile for int8, 4 for int4, the rest one by one, activation
     rows in L2-sized chunks) give exactly what the one-row kernel gives for each row (whose int4
-    tile folds the scales and mins into its block loop: one block, an odd and an even count)."""
+    tile folds the scales and mins into its block loop: one block, an odd and an even count).
+    The avx512 path's VNNI GEMM (from ``vnni_gemm_min_rows`` rows on) sums in another order, but
+    gives each row the same result whatever the rows batched with it."""
     mod = quantize_weight(_w(out, kin, seed=kin), scheme)
     k = kernels.get()
     x = torch.randn(203, kin, generator=torch.Generator().manual_seed(out))  # odd: every remainder path
     one_by_one = torch.cat([mod._kernel_matvec(k, x[i:i + 1].contiguous()) for i in range(x.shape[0])])
-    for m in (2, 3, 4, 5, 7, 9, 203):
-        assert torch.equal(mod._kernel_matvec(k, x[:m].contiguous()), one_by_one[:m]), m
+    gemm_from = getattr(k, "vnni_gemm_min_rows", None)
+    all_rows = mod._kernel_matvec(k, x)
+    for m in (2, 3, 4, 5, 7, 9, 16, 17, 18, 21, 203):
+        got = mod._kernel_matvec(k, x[:m].contiguous())
+        if gemm_from is None or m < gemm_from:
+            assert torch.equal(got, one_by_one[:m]), m
+        else:
+            assert torch.equal(got, all_rows[:m]), m
+            assert torch.equal(mod._kernel_matvec(k, x[-m:].contiguous()), all_rows[-m:]), m
 
 
 @needs_kernels

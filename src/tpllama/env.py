@@ -1,7 +1,7 @@
 """The one module that reads environment variables.
 
 Only for what a flag cannot carry: where the cache lives (shared by every command and by the ranks
-a command starts), two switches that tests and bisecting users flip without touching a command
+a command starts), three switches that tests and bisecting users flip without touching a command
 line, and what torchrun tells each process it starts. Everything else is a field of
 ``config.EngineConfig``, set from flags or ``tpllama.load`` keywords.
 """
@@ -28,6 +28,13 @@ def kernels_disabled() -> bool:
     """``TPLLAMA_NO_KERNELS=1``: the PyTorch fallbacks instead of the C++ kernels (read at every
     call, so a test can compare both paths in one process)."""
     return _switch("TPLLAMA_NO_KERNELS")
+
+
+def forced_kernel_path() -> str | None:
+    """``TPLLAMA_KERNEL_PATH=avx2``: run that kernel path even where the CPU has a wider one (tests
+    of every path on one machine, A/B benchmarks); unset or empty: the widest the CPU runs.
+    Checked by ``tpllama.kernels.kernel_path`` (read at every call, as ``kernels_disabled``)."""
+    return (os.environ.get("TPLLAMA_KERNEL_PATH") or "").strip().lower() or None
 
 
 def shared_memory_disabled() -> bool:

@@ -4,8 +4,14 @@ Three extensions are built from the sources next to this file with
 ``torch.utils.cpp_extension.load``, on first use or all at once by ``python -m tpllama.kernels``:
 
 - the compute kernels (``matvec_avx2.cpp`` with ``attention_avx2.inc`` and ``decode_layer.inc``):
-  AVX2/FMA/F16C matrix-vector products on the quantized layouts of ``tpllama.model.quant``,
-  one-query attention and the fused decode blocks (``get()``);
+  matrix-vector products and int8 GEMMs on the quantized layouts of ``tpllama.model.quant``,
+  one-query attention and the fused decode blocks (``get()``). The same sources are built once per
+  *kernel path* (``KERNEL_PATHS``): ``avx2`` (AVX2/FMA/F16C, every x86-64 CPU of the last decade)
+  and ``avx512`` (adds AVX-512 F/BW/VL/DQ and VNNI: the int8 dot products become ``vpdpbusd`` on
+  512-bit registers). At run time ``get()`` takes the widest path the CPU has (``cpu_features``);
+  ``TPLLAMA_KERNEL_PATH=avx2`` forces a narrower one (tests, A/B runs). Both paths give
+  bit-identical results: every lane does the same integer and float operations in the same order;
+  the wider path only does more lanes per instruction;
 - the shared-memory collectives of the ranks of one host (``shm_collectives.cpp``, used by
   ``tpllama.parallel.shm``; ``collectives()``);
 - the TCP collectives of ranks on different hosts (``tcp_collectives.cpp``, used by
@@ -16,7 +22,7 @@ directory>``, so it is rebuilt only when one of those changes; concurrent builds
 serialized with a lock file. ``get()``/``collectives()`` return the module, or None when it cannot
 be used (wrong CPU or OS, no compiler, a build failure: one logged warning) or is switched off
 (``TPLLAMA_NO_KERNELS=1`` / ``TPLLAMA_NO_SHM=1``, read at every call); callers then use the
-PyTorch (or gloo) fallbacks.
+PyTorch (or gloo) fallbacks. An ``avx512`` build that fails falls back to the ``avx2`` one.
 
 Compute kernel functions (CPU, float32 activations; any M: one row for a decode step, many for
 a prefill, where they are an int8 GEMM):
@@ -40,17 +46,24 @@ import torch
 
 from .. import env
 
-__all__ = ["available", "get", "collectives", "tcp_collectives", "build", "cpu_supported", "cpu_features", "isa"]
+__all__ = ["available", "get", "compute", "collectives", "tcp_collectives", "build", "cpu_supported", "cpu_features",
+           "isa", "KERNEL_PATHS", "runnable_paths", "kernel_path", "build_compute"]
 
 log = logging.getLogger(__name__)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
+AVX512_FLAGS = AVX2_FLAGS + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"]
 
-
-# CPU features the kernels use, and those a faster path could use (reported, not used yet)
-KERNEL_FEATURES = ("avx2", "fma", "f16c")
-WIDER_FEATURES = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx_vnni")
+# kernel path -> (the /proc/cpuinfo flags it needs, the compiler flags it is built with); narrowest first
+KERNEL_PATHS = {
+    "avx2": (("avx2", "fma", "f16c"), AVX2_FLAGS),
+    "avx512": (("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"), AVX512_FLAGS),
+}
+KERNEL_FEATURES = KERNEL_PATHS["avx2"][0]
+# features no path uses yet (reported by isa() when the CPU has them)
+UNUSED_FEATURES = ("avx512_bf16", "amx_int8", "amx_bf16")
+WIDER_FEATURES = tuple(f for f in KERNEL_PATHS["avx512"][0] if f not in KERNEL_FEATURES) + UNUSED_FEATURES
 
 
 def cpu_features() -> set[str]:
@@ -84,13 +97,44 @@ def cpu_supported() -> tuple[bool, str]:
     return True, ""
 
 
+def runnable_paths() -> list[str]:
+    """The kernel paths this CPU can run, narrowest first (empty where the kernels cannot run)."""
+    if not cpu_supported()[0]:
+        return []
+    have = cpu_features()
+    return [p for p, (needs, _) in KERNEL_PATHS.items() if set(needs) <= have]
+
+
+def kernel_path() -> str | None:
+    """The path ``get()`` uses now: the widest the CPU runs, or the one ``TPLLAMA_KERNEL_PATH``
+    forces (when the CPU runs it); None when the kernels are off or cannot run here."""
+    if env.kernels_disabled():
+        return None
+    paths = runnable_paths()
+    if not paths:
+        return None
+    forced = env.forced_kernel_path()
+    if forced is None:
+        return paths[-1]
+    if forced not in KERNEL_PATHS:
+        raise ValueError(f"TPLLAMA_KERNEL_PATH={forced!r} is not a kernel path; expected one of {list(KERNEL_PATHS)}")
+    if forced not in paths:
+        raise ValueError(f"TPLLAMA_KERNEL_PATH={forced!r}: this CPU lacks "
+                         f"{sorted(set(KERNEL_PATHS[forced][0]) - cpu_features())}; it runs {paths}")
+    return forced
+
+
 def isa() -> str:
-    """Which compute kernel path runs in this process, for benchmark reports: e.g. ``avx2+fma+f16c
-    (CPU also has avx512f, avx512_vnni: no kernels for them yet)`` or ``none (PyTorch fallback)``."""
+    """Which compute kernel path runs in this process, for benchmark reports: e.g. ``avx512 (avx2 fma
+    f16c avx512f avx512bw avx512vl avx512dq avx512_vnni; CPU also has avx512_bf16: not used)`` or
+    ``none (PyTorch fallback)``."""
     if get() is None:
         return "none (PyTorch fallback)"
-    wider = [f for f in WIDER_FEATURES if f in cpu_features()]
-    return "+".join(KERNEL_FEATURES) + (f" (CPU also has {', '.join(wider)}: no kernels for them yet)" if wider else "")
+    path = _loaded_path()
+    unused = [f for f in WIDER_FEATURES if f in cpu_features() and f not in KERNEL_PATHS[path][0]]
+    forced = " forced" if env.forced_kernel_path() else ""
+    return (f"{path}{forced} ({' '.join(KERNEL_PATHS[path][0])}"
+            + (f"; CPU also has {' '.join(unused)}: not used" if unused else "") + ")")
 
 
 @contextlib.contextmanager
@@ -107,10 +151,11 @@ def _file_lock(path: str):
 
 
 def build(name: str, sources: list[str], includes: list[str], cflags: list[str], ldflags: list[str],
-          message: str):
+          message: str, load: bool = True):
     """Compile (or load from the cache) the extension ``name`` from ``sources`` in this directory
     (``includes``: files they #include, part of the hash). ``message`` is printed to stderr when an
-    actual build is needed. Raises on failure; the caller decides on the fallback."""
+    actual build is needed. Returns the module, or with ``load=False`` the path of the built
+    library without importing it. Raises on failure; the caller decides on the fallback."""
     from torch.utils import cpp_extension
 
     h = hashlib.sha256()
@@ -130,8 +175,18 @@ def build(name: str, sources: list[str], includes: list[str], cflags: list[str],
         # behind by a killed build is stale and would make torch wait forever.
         with contextlib.suppress(OSError):
             os.remove(os.path.join(bdir, "lock"))
-        if not os.path.exists(os.path.join(bdir, module_name + ".so")):
+        library = os.path.join(bdir, module_name + ".so")
+        if not os.path.exists(library):
             print(message, file=sys.stderr, flush=True)
+        if not load:
+            # torch's own build step, without the import (which could hit an instruction the CPU lacks)
+            if not os.path.exists(library):
+                cpp_extension._write_ninja_file_and_build_library(
+                    name=module_name, sources=[os.path.join(HERE, s) for s in sources], extra_cflags=list(cflags),
+                    extra_cuda_cflags=None, extra_sycl_cflags=None, extra_ldflags=list(ldflags),
+                    extra_include_paths=None, build_directory=bdir, verbose=False, with_cuda=False, with_sycl=False,
+                    is_standalone=False)
+            return library
         return cpp_extension.load(name=module_name, sources=[os.path.join(HERE, s) for s in sources],
                                   extra_cflags=list(cflags), extra_ldflags=list(ldflags), build_directory=bdir,
                                   verbose=False)
@@ -169,12 +224,27 @@ class Extension:
         return self._module
 
 
-_COMPUTE = Extension(
-    "CPU kernels", "the slower PyTorch fallback",
-    lambda: build("tpllama_kernels", ["matvec_avx2.cpp"], ["attention_avx2.inc", "decode_layer.inc"],
-                  ["-O3", *AVX2_FLAGS, "-fopenmp", "-ffp-contract=off", "-DNDEBUG"], ["-fopenmp"],
-                  "building tpllama CPU kernels (first use, ~1 min)"),
-    cpu_supported, env.kernels_disabled)
+def build_compute(path: str, load: bool = True):
+    """Compile the compute kernels of ``path`` (or find them in the cache) and, with ``load``,
+    import them. ``load=False`` only compiles: any x86-64 machine can check that every path builds,
+    even one whose CPU cannot run it. Raises on a build failure."""
+    needs, flags = KERNEL_PATHS[path]
+    name = "tpllama_kernels" if path == "avx2" else f"tpllama_kernels_{path}"
+    return build(name, ["matvec_avx2.cpp"], ["attention_avx2.inc", "decode_layer.inc", "matvec_avx512.inc"],
+                 ["-O3", *flags, "-fopenmp", "-ffp-contract=off", "-DNDEBUG"], ["-fopenmp"],
+                 f"building tpllama CPU kernels, {path} path (first use, ~1 min)", load=load)
+
+
+def _compute_extension(path: str) -> Extension:
+    needs = KERNEL_PATHS[path][0]
+    return Extension(
+        f"CPU kernels ({path})", "the slower PyTorch fallback" if path == "avx2" else "the avx2 path",
+        lambda: build_compute(path),
+        lambda: (True, "") if path in runnable_paths() else (False, f"the CPU lacks {' '.join(needs)}"),
+        env.kernels_disabled)
+
+
+_COMPUTE = {path: _compute_extension(path) for path in KERNEL_PATHS}
 
 _COLLECTIVES = Extension(
     "shared-memory collectives", "gloo",
@@ -194,8 +264,28 @@ _TCP = Extension(
 
 
 def get():
-    """The compute kernels' module, or None (use the PyTorch fallback)."""
-    return _COMPUTE.get()
+    """The compute kernels' module of ``kernel_path()`` (a narrower one if its build failed), or
+    None (use the PyTorch fallback)."""
+    path = kernel_path()
+    if path is None:
+        return _COMPUTE["avx2"].get()  # None, and logs why once
+    paths = list(KERNEL_PATHS)
+    for p in reversed(paths[:paths.index(path) + 1]):
+        module = _COMPUTE[p].get()
+        if module is not None:
+            return module
+    return None
+
+
+def compute(path: str):
+    """The compute kernels' module of one path, or None where this CPU cannot run it (or its
+    build failed); for ``python -m tpllama.kernels``, tests and A/B benchmarks."""
+    return _COMPUTE[path].get()
+
+
+def _loaded_path() -> str:
+    """The path of the module ``get()`` returns (the module reports what it was built for)."""
+    return get().kernel_path()
 
 
 def available() -> bool:

@@ -13,21 +13,24 @@ import sys
 
 from .. import kernels
 
-# what is built -> the function that builds (or loads) it
-EXTENSIONS = {
-    "CPU kernels": "get",
-    "shared-memory collectives": "collectives",
-    "TCP collectives": "tcp_collectives",
-}
+def extensions() -> dict[str, tuple[str, tuple]]:
+    """What is built -> (the function of ``tpllama.kernels`` that builds or loads it, its
+    arguments): every kernel path this CPU runs (so that ``TPLLAMA_KERNEL_PATH`` can pick a
+    narrower one at no cost), and the collectives."""
+    paths = kernels.runnable_paths() or ["avx2"]
+    return {**{f"CPU kernels ({p})": ("compute", (p,)) for p in paths},
+            "shared-memory collectives": ("collectives", ()),
+            "TCP collectives": ("tcp_collectives", ())}
 
 
 def main() -> int:
-    builds = [subprocess.Popen([sys.executable, "-c", f"import tpllama.kernels as k; k.{fn}()"])
-              for fn in EXTENSIONS.values()]
+    todo = extensions()
+    builds = [subprocess.Popen([sys.executable, "-c", f"import tpllama.kernels as k; k.{fn}(*{args!r})"])
+              for fn, args in todo.values()]
     for p in builds:
         p.wait()
-    for what, fn in EXTENSIONS.items():
-        module = getattr(kernels, fn)()
+    for what, (fn, args) in todo.items():
+        module = getattr(kernels, fn)(*args)
         state = "ready" if module is not None else "not available here (the fallback is used)"
         print(f"{what}: {state}")
     print(f"kernel path: {kernels.isa()}")

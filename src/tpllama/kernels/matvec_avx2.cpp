@@ -1,4 +1,6 @@
-// tpllama CPU kernels: weight-only quantized matrix-vector products (AVX2 + FMA + F16C).
+// tpllama CPU kernels: weight-only quantized matrix-vector products (AVX2 + FMA + F16C; built a
+// second time with AVX-512 + VNNI for the avx512 kernel path, whose tiles are in
+// matvec_avx512.inc and give bit-identical results).
 //
 // Weight formats (block size 32 along the input dimension, rows = output features):
 //   int8 : qweight int8  [N, K],    scales f16|f32 [N, K/32]          w = d * q
@@ -32,6 +34,15 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && \
+    defined(__AVX512VNNI__)
+#define TPL_AVX512 1
+#define TPL_TILE(name) name##_512
+#else
+#define TPL_AVX512 0
+#define TPL_TILE(name) name
+#endif
 
 namespace {
 
@@ -276,6 +287,10 @@ inline void q4_tile(const uint8_t* W, const ST* S, const ST* Mn, int64_t nb, con
   y[3] = hsum128(_mm256_extractf128_ps(acc23, 1)) + m[3];
 }
 
+#if TPL_AVX512
+#include "matvec_avx512.inc"
+#endif
+
 // Checks a packed weight: q [T, nb, 4, qb] of dtype qdt, scales [T, nb, 4]; returns {T, nb}.
 std::pair<int64_t, int64_t> check_packed(const torch::Tensor& q, at::ScalarType qdt, int64_t qb,
                                          const torch::Tensor& s, const torch::Tensor* mn, int64_t N) {
@@ -356,6 +371,9 @@ void q8_matvec_impl(const float* x, int64_t M, int64_t nb, const int8_t* W, cons
                     float* y) {
   const int64_t K = nb * QK;
   QAct a = quantize_act(x, M, K);
+#if TPL_AVX512
+  if (M >= GEMM_VNNI_MIN_ROWS) return gemm_vnni<ST, false>(a, M, nb, W, S, static_cast<const ST*>(nullptr), T, N, y);
+#endif
   const int64_t MC = act_chunk_rows(K);
   at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> c(RT * nb), c1(RT * nb);
@@ -371,14 +389,14 @@ void q8_matvec_impl(const float* x, int64_t M, int64_t nb, const int8_t* W, cons
         for (; m + 2 <= me; m += 2) {
           combine_scales(St, nb * RT, a.d4.data() + m * nb * RT, c.data());
           combine_scales(St, nb * RT, a.d4.data() + (m + 1) * nb * RT, c1.data());
-          q8_tile_x2<ST>(Wt, nb, a.q.data() + m * K, a.q.data() + (m + 1) * K, c.data(), c1.data(), out, out1);
+          TPL_TILE(q8_tile_x2)<ST>(Wt, nb, a.q.data() + m * K, a.q.data() + (m + 1) * K, c.data(), c1.data(), out, out1);
           for (int64_t r = 0; r < R; ++r) {
             y[m * N + n0 + r] = out[r];
             y[(m + 1) * N + n0 + r] = out1[r];
           }
         }
         for (; m < me; ++m) {
-          q8_tile(Wt, St, nb, a.q.data() + m * K, a.d4.data() + m * nb * RT, c.data(), out);
+          TPL_TILE(q8_tile)(Wt, St, nb, a.q.data() + m * K, a.d4.data() + m * nb * RT, c.data(), out);
           for (int64_t r = 0; r < R; ++r) y[m * N + n0 + r] = out[r];
         }
       }
@@ -388,8 +406,12 @@ void q8_matvec_impl(const float* x, int64_t M, int64_t nb, const int8_t* W, cons
 
 // int4: one tile against 4 activation rows; the nibbles are unpacked once per block for all
 // four. Same per-pair summation order and scale lanes as q4_tile (bit-identical results).
-// c[j]: the combined scales (combine_scales) of activation row j, 4 per block.
-inline void q4_tile_x4(const uint8_t* W, int64_t nb, const int8_t* const* qa, const float* const* c, __m256* acc) {
+// c[j]: the combined scales (combine_scales) of activation row j, 4 per block. out[j][r]: the
+// sums of activation row j and tile row r, before the mins' term.
+inline void q4_tile_x4(const uint8_t* W, int64_t nb, const int8_t* const* qa, const float* const* c,
+                       float (*out)[RT]) {
+  __m256 acc[8];
+  for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
   const __m256i ones16 = _mm256_set1_epi16(1);
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   const __m256i sel01 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
@@ -422,6 +444,12 @@ inline void q4_tile_x4(const uint8_t* W, int64_t nb, const int8_t* const* qa, co
     TPL_Q4_ROW(3)
 #undef TPL_Q4_ROW
   }
+  for (int j = 0; j < 4; ++j) {
+    out[j][0] = hsum128(_mm256_castps256_ps128(acc[2 * j]));
+    out[j][1] = hsum128(_mm256_extractf128_ps(acc[2 * j], 1));
+    out[j][2] = hsum128(_mm256_castps256_ps128(acc[2 * j + 1]));
+    out[j][3] = hsum128(_mm256_extractf128_ps(acc[2 * j + 1], 1));
+  }
 }
 
 template <typename ST>
@@ -429,6 +457,9 @@ void q4_matvec_impl(const float* x, int64_t M, int64_t nb, const uint8_t* W, con
                     int64_t N, float* y) {
   const int64_t K = nb * QK;
   QAct a = quantize_act(x, M, K);
+#if TPL_AVX512
+  if (M >= GEMM_VNNI_MIN_ROWS) return gemm_vnni<ST, true>(a, M, nb, W, S, Mn, T, N, y);
+#endif
   const int64_t MC = act_chunk_rows(K);
   at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> c4(4 * RT * nb);
@@ -450,20 +481,15 @@ void q4_matvec_impl(const float* x, int64_t M, int64_t nb, const uint8_t* W, con
             cs[j] = c4.data() + j * RT * nb;
             combine_scales(St, nb * RT, a.d4.data() + (m + j) * nb * RT, c4.data() + j * RT * nb);
           }
-          __m256 acc[8];
-          for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
-          q4_tile_x4(Wt, nb, qa, cs, acc);
+          float out4[4][RT];
+          TPL_TILE(q4_tile_x4)(Wt, nb, qa, cs, out4);
           for (int j = 0; j < 4; ++j) {
-            out[0] = hsum128(_mm256_castps256_ps128(acc[2 * j]));
-            out[1] = hsum128(_mm256_extractf128_ps(acc[2 * j], 1));
-            out[2] = hsum128(_mm256_castps256_ps128(acc[2 * j + 1]));
-            out[3] = hsum128(_mm256_extractf128_ps(acc[2 * j + 1], 1));
-            dot_mins4(Mt, nb * RT, a.s4.data() + (m + j) * nb * RT, out);
-            for (int64_t r = 0; r < R; ++r) y[(m + j) * N + n0 + r] = out[r];
+            dot_mins4(Mt, nb * RT, a.s4.data() + (m + j) * nb * RT, out4[j]);
+            for (int64_t r = 0; r < R; ++r) y[(m + j) * N + n0 + r] = out4[j][r];
           }
         }
         for (; m < me; ++m) {
-          q4_tile(Wt, St, Mt, nb, a.q.data() + m * K, a.d4.data() + m * nb * RT, a.s4.data() + m * nb * RT, out);
+          TPL_TILE(q4_tile)(Wt, St, Mt, nb, a.q.data() + m * K, a.d4.data() + m * nb * RT, a.s4.data() + m * nb * RT, out);
           for (int64_t r = 0; r < R; ++r) y[m * N + n0 + r] = out[r];
         }
       }
@@ -580,22 +606,30 @@ torch::Tensor q4_dequant(torch::Tensor qpack, torch::Tensor spack, torch::Tensor
 #include "attention_avx2.inc"
 #include "decode_layer.inc"
 
+// The classes are module-local: the avx2 and avx512 builds are loaded side by side in one process
+// (tests, A/B runs), and pybind11 would otherwise refuse a second global "PackedLinear".
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("kernel_path", []() { return std::string(TPL_AVX512 ? "avx512" : "avx2"); },
+        "the kernel path this module was built for");
+#if TPL_AVX512
+  // from this many activation rows on, q8_matvec/q4_matvec run the VNNI GEMM (matvec_avx512.inc)
+  m.attr("vnni_gemm_min_rows") = GEMM_VNNI_MIN_ROWS;
+#endif
   m.def("q8_matvec", &q8_matvec, "y = x @ dequant_int8(W)^T with int8-quantized activations (AVX2)");
   m.def("q4_matvec", &q4_matvec, "y = x @ dequant_int4(W)^T with int8-quantized activations (AVX2)");
   m.def("q8_dequant", &q8_dequant, "dequantize packed int8 tiles to float32 [T*4, K]");
   m.def("q4_dequant", &q4_dequant, "dequantize packed int4 tiles to float32 [T*4, K]");
   m.def("q8f_matvec", &q8f_matvec, "y = x @ dequant_int8(W)^T with float32 activations (AVX2)");
   m.def("decode_attention", &decode_attention, "single-query GQA attention over the KV cache (AVX2)");
-  py::class_<PackedLinear>(m, "PackedLinear")
+  py::class_<PackedLinear>(m, "PackedLinear", py::module_local())
       .def(py::init<torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, int64_t>(), py::arg("qpack"),
            py::arg("spack"), py::arg("mpack"), py::arg("out_features"));
-  py::class_<DecodeLayer>(m, "DecodeLayer")
+  py::class_<DecodeLayer>(m, "DecodeLayer", py::module_local())
       .def(py::init<torch::Tensor, torch::Tensor, double, PackedLinear, PackedLinear, PackedLinear, PackedLinear, int64_t,
                     int64_t, int64_t>())
       .def("attention", &DecodeLayer::attention, "attention half of a block for one new token per row")
       .def("mlp", &DecodeLayer::mlp, "MLP half of a block for one new token per row");
-  py::class_<DecodeStack>(m, "DecodeStack")
+  py::class_<DecodeStack>(m, "DecodeStack", py::module_local())
       .def(py::init<std::vector<DecodeLayer>>())
       .def("run", &DecodeStack::run, "every block of a decode step, all-reducing each half with reduce (or None)");
 }
