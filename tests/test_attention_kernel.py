@@ -1,4 +1,5 @@
-"""The AVX2 decode-attention kernel equals the PyTorch path (masked matmul + softmax)."""
+"""The decode-attention kernel of every kernel path this CPU runs equals the PyTorch path (masked
+matmul + softmax); head dims that are and are not multiples of 16 (the avx512 path's width)."""
 
 import pytest
 import torch
@@ -6,11 +7,15 @@ import torch
 from tpllama import kernels
 from tpllama.model.llama import decode_attention
 
+PATHS = kernels.runnable_paths() or ["avx2"]
+
 
 @pytest.mark.skipif(not kernels.available(), reason="AVX2 kernels cannot be built on this machine")
 @pytest.mark.parametrize("B,H,Hkv,L,D", [(1, 9, 3, 300, 64), (3, 6, 2, 50, 64), (2, 5, 1, 17, 32), (4, 8, 8, 9, 16),
                                          (2, 9, 3, 1100, 64), (1, 12, 2, 520, 40), (2, 4, 2, 70, 24)])
-def test_kernel_matches_torch(B, H, Hkv, L, D):
+@pytest.mark.parametrize("path", PATHS)
+def test_kernel_matches_torch(B, H, Hkv, L, D, path, monkeypatch):
+    monkeypatch.setenv("TPLLAMA_KERNEL_PATH", path)
     g = torch.Generator().manual_seed(B * 100 + L)
     cache_k = torch.randn(B + 1, Hkv, 64 + L, D, generator=g)
     cache_v = torch.randn(B + 1, Hkv, 64 + L, D, generator=g)
@@ -26,8 +31,10 @@ def test_kernel_matches_torch(B, H, Hkv, L, D):
 
 
 @pytest.mark.skipif(not kernels.available(), reason="AVX2 kernels cannot be built on this machine")
-def test_kernel_reads_float16_cache():
+@pytest.mark.parametrize("path", PATHS)
+def test_kernel_reads_float16_cache(path, monkeypatch):
     """A float16 KV cache gives the float32 result of the same (rounded) keys and values."""
+    monkeypatch.setenv("TPLLAMA_KERNEL_PATH", path)
     g = torch.Generator().manual_seed(7)
     keys = torch.randn(2, 3, 600, 64, generator=g).half()
     values = torch.randn(2, 3, 600, 64, generator=g).half()
