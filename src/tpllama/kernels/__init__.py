@@ -9,9 +9,10 @@ Three extensions are built from the sources next to this file with
   *kernel path* (``KERNEL_PATHS``): ``avx2`` (AVX2/FMA/F16C, every x86-64 CPU of the last decade)
   and ``avx512`` (adds AVX-512 F/BW/VL/DQ and VNNI: the int8 dot products become ``vpdpbusd`` on
   512-bit registers). At run time ``get()`` takes the widest path the CPU has (``cpu_features``);
-  ``TPLLAMA_KERNEL_PATH=avx2`` forces a narrower one (tests, A/B runs). Both paths give
-  bit-identical results: every lane does the same integer and float operations in the same order;
-  the wider path only does more lanes per instruction;
+  ``TPLLAMA_KERNEL_PATH=avx2`` forces a narrower one (tests, A/B runs). Decode (up to 16 rows)
+  gives bit-identical results on both paths: every lane does the same integer and float
+  operations in the same order, the wider path only does more lanes per instruction; the
+  avx512 path's prefill GEMM (``matvec_avx512.inc``) and attention scores sum in another order;
 - the shared-memory collectives of the ranks of one host (``shm_collectives.cpp``, used by
   ``tpllama.parallel.shm``; ``collectives()``);
 - the TCP collectives of ranks on different hosts (``tcp_collectives.cpp``, used by
@@ -179,7 +180,8 @@ def build(name: str, sources: list[str], includes: list[str], cflags: list[str],
         if not os.path.exists(library):
             print(message, file=sys.stderr, flush=True)
         if not load:
-            # torch's own build step, without the import (which could hit an instruction the CPU lacks)
+            # torch's own build step (a private function of the pinned torch), without the import,
+            # which could run an instruction the CPU lacks
             if not os.path.exists(library):
                 cpp_extension._write_ninja_file_and_build_library(
                     name=module_name, sources=[os.path.join(HERE, s) for s in sources], extra_cflags=list(cflags),

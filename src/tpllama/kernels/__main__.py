@@ -13,6 +13,7 @@ import sys
 
 from .. import kernels
 
+
 def extensions() -> dict[str, tuple[str, tuple]]:
     """What is built -> (the function of ``tpllama.kernels`` that builds or loads it, its
     arguments): every kernel path this CPU runs (so that ``TPLLAMA_KERNEL_PATH`` can pick a

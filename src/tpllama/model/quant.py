@@ -28,7 +28,7 @@ tiles of 4 per 32-block (buffers ``qpack``/``spack``/``mpack``, not persistent, 
 last tile) so that the matrix-vector kernel reads one linear stream. ``state_dict()`` and
 ``stored_tensors()`` unpack on the fly (a copy), and ``load_state_dict`` accepts the stored form.
 
-``forward`` runs on any device. On CPU with the AVX2 kernels (``tpllama.kernels``) it quantizes
+``forward`` runs on any device. On CPU with the C++ kernels (``tpllama.kernels``) it quantizes
 the activations to int8 per row and 32-block and multiplies them with the int8/int4 weights in
 integers: always for at most ``DECODE_MAX_ROWS`` rows (decode), and for more rows (prefill: an
 int8 GEMM, several activation rows per weight tile) when ``in_features >= GEMM_MIN_IN_FEATURES``.
