@@ -10,6 +10,22 @@ import torch
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+def random_weight(out: int, kin: int, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
+    """A [out, kin] weight of small random values, the same for the same seed."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(out, kin, generator=g) * 0.05).to(dtype)
+
+
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """Torch emulation of the CPU kernels' activation rounding: x [M, K] to int8 per 32-block
+    (round half to even), returned dequantized as float."""
+    m, k = x.shape
+    xb = x.reshape(m, k // 32, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
+    return (torch.round(xb * inv) * (amax / 127.0)).reshape(m, k)
+
+
 TINY_CONFIGS = {
     # 5 heads, 1 KV head (MQA), untied, odd sizes
     "mqa5": dict(hidden_size=80, intermediate_size=96, num_attention_heads=5, num_key_value_heads=1,

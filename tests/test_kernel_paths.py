@@ -11,14 +11,10 @@ from tpllama import kernels
 from tpllama.model import quant
 from tpllama.model.quant import quantize_weight
 
-from helpers import make_tiny_hf
+from helpers import make_tiny_hf, quantize_activations, random_weight
 
 PATHS = kernels.runnable_paths()
 needs_kernels = pytest.mark.skipif(not PATHS, reason="the CPU kernels cannot run on this CPU")
-
-
-def _w(out, kin, seed):
-    return torch.randn(out, kin, generator=torch.Generator().manual_seed(seed)) * 0.05
 
 
 def test_paths_from_cpu_features(monkeypatch):
@@ -57,6 +53,21 @@ def test_every_path_builds_here():
 
 
 @needs_kernels
+def test_a_failed_wide_build_falls_back_to_avx2(monkeypatch):
+    """When the avx512 build cannot be used (its build failed), get() returns the avx2 module."""
+
+    class Failed:
+        def get(self):
+            return None
+
+    monkeypatch.delenv("TPLLAMA_KERNEL_PATH", raising=False)
+    monkeypatch.setattr(kernels, "runnable_paths", lambda: ("avx2", "avx512"))
+    monkeypatch.setitem(kernels._COMPUTE, "avx512", Failed())
+    assert kernels.kernel_path() == "avx512"
+    assert kernels.get() is kernels.compute("avx2") and kernels.get().kernel_path() == "avx2"
+
+
+@needs_kernels
 @pytest.mark.parametrize("path", PATHS)
 def test_each_path_is_what_it_says(path):
     assert kernels.compute(path).kernel_path() == path
@@ -64,11 +75,7 @@ def test_each_path_is_what_it_says(path):
 
 def _emulated(x, mod):
     """The kernels' arithmetic in torch: activations rounded to int8 per 32-block, then float."""
-    m, k = x.shape
-    xb = x.reshape(m, k // 32, 32)
-    amax = xb.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
-    xq = (torch.round(xb * inv) * (amax / 127.0)).reshape(m, k)
+    xq = quantize_activations(x)
     w = mod.dequantize()
     return F.linear(xq, w), 1e-5 * (xq.abs() @ w.abs().t()) + 1e-6
 
@@ -81,7 +88,7 @@ def test_each_path_matches_the_reference(path, scheme):
     int4 tiles) against the torch emulation, on odd and even block counts."""
     k = kernels.compute(path)
     for out, kin in [(5, 32), (37, 96), (130, 1024), (9, 2048)]:
-        mod = quantize_weight(_w(out, kin, out), scheme)
+        mod = quantize_weight(random_weight(out, kin, out), scheme)
         for m in (1, 2, 3, 5, 64, 203):
             x = torch.randn(m, kin, generator=torch.Generator().manual_seed(m))
             y = mod._kernel_matvec(k, x)
@@ -99,7 +106,7 @@ def test_paths_bit_identical(scheme):
         wide = kernels.compute(path)
         for out, kin in [(5, 32), (37, 96), (576, 576), (130, 1024), (9, 2048)]:
             for scale_dtype in (torch.float16, torch.float32):
-                mod = quantize_weight(_w(out, kin, kin), scheme)
+                mod = quantize_weight(random_weight(out, kin, kin), scheme)
                 if scale_dtype == torch.float32:
                     mod = type(mod).from_state({n: t.float() if t.is_floating_point() else t
                                                 for n, t in mod.stored_tensors().items()})

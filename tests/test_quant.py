@@ -10,15 +10,13 @@ from tpllama.model import quant
 from tpllama.model.quant import (QUANT_SCHEMES, Int4Linear, Int8Linear, QuantLinear, cat_rows, from_gguf_blocks,
                            quantize_weight, stored_names)
 
+from helpers import quantize_activations as _quantize_act
+from helpers import random_weight as _w
+
 gguf = pytest.importorskip("gguf")
 GT = gguf.GGMLQuantizationType
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="AVX2 kernels not available here")
-
-
-def _w(out, kin, seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(out, kin, generator=g) * 0.05).to(dtype)
 
 
 def _fallback(mod, x, monkeypatch):
@@ -28,15 +26,6 @@ def _fallback(mod, x, monkeypatch):
         return mod(x)
     finally:
         monkeypatch.delenv("TPLLAMA_NO_KERNELS")
-
-
-def _quantize_act(x):
-    """Torch emulation of the kernels' activation quantization (per 32-block, int8 round-half-even)."""
-    m, k = x.shape
-    xb = x.reshape(m, k // 32, 32)
-    amax = xb.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
-    return (torch.round(xb * inv) * (amax / 127.0)).reshape(m, k)
 
 
 # --------------------------------------------------------------------------- round trip

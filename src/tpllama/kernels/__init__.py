@@ -35,6 +35,7 @@ a prefill, where they are an int8 GEMM):
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -67,7 +68,10 @@ UNUSED_FEATURES = ("avx512_bf16", "amx_int8", "amx_bf16")
 WIDER_FEATURES = tuple(f for f in KERNEL_PATHS["avx512"][0] if f not in KERNEL_FEATURES) + UNUSED_FEATURES
 
 
-def cpu_features() -> set[str]:
+# The CPU's features are read once per process: get() runs on every quantized layer's forward
+# and every decode step, where reading /proc/cpuinfo cost ~85 us a call.
+@functools.lru_cache(maxsize=None)
+def cpu_features() -> frozenset[str]:
     """The flags of /proc/cpuinfo among KERNEL_FEATURES and WIDER_FEATURES (empty elsewhere)."""
     if not sys.platform.startswith("linux"):
         return set()
@@ -75,12 +79,13 @@ def cpu_features() -> set[str]:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split()) & set(KERNEL_FEATURES + WIDER_FEATURES)
+                    return frozenset(line.split(":", 1)[1].split()) & frozenset(KERNEL_FEATURES + WIDER_FEATURES)
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_supported() -> tuple[bool, str]:
     """(True, "") on an x86-64 CPU with AVX2, FMA and F16C; else (False, why)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
@@ -98,12 +103,13 @@ def cpu_supported() -> tuple[bool, str]:
     return True, ""
 
 
-def runnable_paths() -> list[str]:
+@functools.lru_cache(maxsize=None)
+def runnable_paths() -> tuple[str, ...]:
     """The kernel paths this CPU can run, narrowest first (empty where the kernels cannot run)."""
     if not cpu_supported()[0]:
-        return []
+        return ()
     have = cpu_features()
-    return [p for p, (needs, _) in KERNEL_PATHS.items() if set(needs) <= have]
+    return tuple(p for p, (needs, _) in KERNEL_PATHS.items() if set(needs) <= have)
 
 
 def kernel_path() -> str | None:
@@ -121,7 +127,7 @@ def kernel_path() -> str | None:
         raise ValueError(f"TPLLAMA_KERNEL_PATH={forced!r} is not a kernel path; expected one of {list(KERNEL_PATHS)}")
     if forced not in paths:
         raise ValueError(f"TPLLAMA_KERNEL_PATH={forced!r}: this CPU lacks "
-                         f"{sorted(set(KERNEL_PATHS[forced][0]) - cpu_features())}; it runs {paths}")
+                         f"{sorted(set(KERNEL_PATHS[forced][0]) - cpu_features())}; it runs {list(paths)}")
     return forced
 
 
@@ -179,19 +185,18 @@ def build(name: str, sources: list[str], includes: list[str], cflags: list[str],
         library = os.path.join(bdir, module_name + ".so")
         if not os.path.exists(library):
             print(message, file=sys.stderr, flush=True)
+        paths = [os.path.join(HERE, s) for s in sources]
         if not load:
             # torch's own build step (a private function of the pinned torch), without the import,
             # which could run an instruction the CPU lacks
             if not os.path.exists(library):
                 cpp_extension._write_ninja_file_and_build_library(
-                    name=module_name, sources=[os.path.join(HERE, s) for s in sources], extra_cflags=list(cflags),
-                    extra_cuda_cflags=None, extra_sycl_cflags=None, extra_ldflags=list(ldflags),
-                    extra_include_paths=None, build_directory=bdir, verbose=False, with_cuda=False, with_sycl=False,
-                    is_standalone=False)
+                    name=module_name, sources=paths, extra_cflags=list(cflags), extra_cuda_cflags=None,
+                    extra_sycl_cflags=None, extra_ldflags=list(ldflags), extra_include_paths=None,
+                    build_directory=bdir, verbose=False, with_cuda=False, with_sycl=False, is_standalone=False)
             return library
-        return cpp_extension.load(name=module_name, sources=[os.path.join(HERE, s) for s in sources],
-                                  extra_cflags=list(cflags), extra_ldflags=list(ldflags), build_directory=bdir,
-                                  verbose=False)
+        return cpp_extension.load(name=module_name, sources=paths, extra_cflags=list(cflags),
+                                  extra_ldflags=list(ldflags), build_directory=bdir, verbose=False)
 
 
 class Extension:

@@ -1,6 +1,6 @@
 // tpllama CPU kernels: weight-only quantized matrix-vector products (AVX2 + FMA + F16C; built a
-// second time with AVX-512 + VNNI for the avx512 kernel path, whose tiles are in
-// matvec_avx512.inc and give bit-identical results).
+// second time with AVX-512 + VNNI for the avx512 kernel path, whose tiles in matvec_avx512.inc
+// give bit-identical results and whose prefill GEMM there sums in another order).
 //
 // Weight formats (block size 32 along the input dimension, rows = output features):
 //   int8 : qweight int8  [N, K],    scales f16|f32 [N, K/32]          w = d * q

@@ -3,7 +3,7 @@
 A decode step (one new token per row) through ``Transformer``'s modules costs some forty small
 PyTorch operations per layer, which on a small model take longer than reading the weights. When
 every linear layer of the blocks is quantized (``tpllama.quant``), the model is float32 on the CPU
-and the AVX2 kernels are available, ``FusedLayers`` runs each block as two C++ calls (attention
+and the CPU kernels are available, ``FusedLayers`` runs each block as two C++ calls (attention
 half, MLP half) around the same ``reduce`` all-reduces, with the same numerics as the modules'
 quantized path up to float rounding order; ``ext.DecodeStack`` runs the whole loop over the blocks
 in one call (calling ``reduce`` back between the halves when there is more than one rank).
